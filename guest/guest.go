@@ -1,0 +1,216 @@
+// Package guest holds the file and command-line formats shared by the host
+// (which writes them into images and onto the kernel command line) and the
+// guest (hyphae-init and dimension-agent, which read them). These formats are
+// a compatibility contract: images built by one version boot under another.
+package guest
+
+import (
+	"bytes"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/hyphae-run/hyphae/errcode"
+)
+
+// Paths inside every hyphae image.
+const (
+	InitPath       = "/sbin/init"
+	AgentPath      = "/sbin/dimension-agent"
+	ConfigDir      = "/etc/hyphae"
+	EntrypointPath = "/etc/hyphae/entrypoint"
+	EnvPath        = "/etc/hyphae/env"
+	WorkdirPath    = "/etc/hyphae/workdir"
+	ResolvConfPath = "/etc/resolv.conf"
+)
+
+// CmdlineEnvPrefix starts a kernel command-line token that sets an
+// environment variable for the guest program: hyphae.env.KEY=VALUE.
+const CmdlineEnvPrefix = "hyphae.env."
+
+// EncodeEntrypoint renders argv for /etc/hyphae/entrypoint: arguments
+// joined by NUL bytes with one trailing NUL, so that a trailing empty
+// argument survives a round trip.
+func EncodeEntrypoint(argv []string) ([]byte, error) {
+	if len(argv) == 0 || argv[0] == "" {
+		return nil, errcode.New(errcode.NoEntrypoint, "entrypoint is empty")
+	}
+	var b bytes.Buffer
+	for _, a := range argv {
+		if strings.IndexByte(a, 0) >= 0 {
+			return nil, errcode.New(errcode.InvalidArgument, "entrypoint argument %q contains a NUL byte", a)
+		}
+		b.WriteString(a)
+		b.WriteByte(0)
+	}
+	return b.Bytes(), nil
+}
+
+// DecodeEntrypoint parses /etc/hyphae/entrypoint: NUL-separated arguments,
+// one trailing NUL ignored, empty arguments kept.
+func DecodeEntrypoint(b []byte) ([]string, error) {
+	b = bytes.TrimSuffix(b, []byte{0})
+	if len(b) == 0 {
+		return nil, errcode.New(errcode.NoEntrypoint, "entrypoint file is empty")
+	}
+	argv := strings.Split(string(b), "\x00")
+	if argv[0] == "" {
+		return nil, errcode.New(errcode.NoEntrypoint, "entrypoint program name is empty")
+	}
+	return argv, nil
+}
+
+// EnvVar is one KEY=VALUE pair.
+type EnvVar struct {
+	Key, Value string
+}
+
+// String renders KEY=VALUE.
+func (e EnvVar) String() string { return e.Key + "=" + e.Value }
+
+// ParseEnvVar splits "KEY=VALUE" at the first '='. The key must be non-empty
+// and hold no NUL or newline; the value may be empty.
+func ParseEnvVar(s string) (EnvVar, error) {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return EnvVar{}, errcode.New(errcode.InvalidEnv, "environment entry %q is not KEY=VALUE", s)
+	}
+	if strings.ContainsAny(k, "\x00\n") || strings.ContainsAny(v, "\x00") {
+		return EnvVar{}, errcode.New(errcode.InvalidEnv, "environment entry %q holds a NUL or newline in its key", s)
+	}
+	return EnvVar{Key: k, Value: v}, nil
+}
+
+// EncodeEnvFile renders /etc/hyphae/env: one KEY=VALUE line per variable.
+// Values cannot hold newlines in this format.
+func EncodeEnvFile(vars []EnvVar) ([]byte, error) {
+	var b bytes.Buffer
+	for _, v := range vars {
+		if _, err := ParseEnvVar(v.String()); err != nil {
+			return nil, err
+		}
+		if strings.Contains(v.Value, "\n") {
+			return nil, errcode.New(errcode.InvalidEnv, "value of %s holds a newline, which /etc/hyphae/env cannot carry", v.Key)
+		}
+		b.WriteString(v.String())
+		b.WriteByte('\n')
+	}
+	return b.Bytes(), nil
+}
+
+// DecodeEnvFile parses /etc/hyphae/env. Empty lines are skipped; every other
+// line must be KEY=VALUE, split at the first '='.
+func DecodeEnvFile(b []byte) ([]EnvVar, error) {
+	var vars []EnvVar
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSuffix(line, "\r")
+		if line == "" {
+			continue
+		}
+		v, err := ParseEnvVar(line)
+		if err != nil {
+			return nil, fmt.Errorf("env file line %d: %w", i+1, err)
+		}
+		vars = append(vars, v)
+	}
+	return vars, nil
+}
+
+// MergeEnv returns base overridden by each later layer, keeping the order
+// in which keys first appeared.
+func MergeEnv(layers ...[]EnvVar) []EnvVar {
+	idx := map[string]int{}
+	var out []EnvVar
+	for _, layer := range layers {
+		for _, v := range layer {
+			if i, ok := idx[v.Key]; ok {
+				out[i].Value = v.Value
+				continue
+			}
+			idx[v.Key] = len(out)
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// cmdlineEscape percent-encodes what cannot stand in a kernel command-line
+// token: '%', whitespace, quotes, and '=' when inKey.
+func cmdlineEscape(s string, inKey bool) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c == '%' || c <= ' ' || c == '"' || c == 0x7f || (inKey && c == '=') {
+			fmt.Fprintf(&b, "%%%02X", c)
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+// cmdlineUnescape reverses %XX encoding. A '%' not followed by two hex
+// digits is kept literally, so a hand-written token never fails to parse.
+func cmdlineUnescape(s string) string {
+	if !strings.Contains(s, "%") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 2
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// EncodeCmdlineEnv renders variables as hyphae.env.KEY=VALUE tokens joined
+// by spaces, sorted by key so that the command line is deterministic.
+// Secrets must never travel this way: the command line is readable by every
+// process in the guest and is logged by the VMM.
+func EncodeCmdlineEnv(vars []EnvVar) string {
+	sorted := append([]EnvVar(nil), vars...)
+	sort.SliceStable(sorted, func(i, j int) bool { return sorted[i].Key < sorted[j].Key })
+	toks := make([]string, 0, len(sorted))
+	for _, v := range sorted {
+		toks = append(toks, CmdlineEnvPrefix+cmdlineEscape(v.Key, true)+"="+cmdlineEscape(v.Value, false))
+	}
+	return strings.Join(toks, " ")
+}
+
+// ParseCmdlineEnv extracts hyphae.env.KEY=VALUE tokens from a kernel command
+// line (/proc/cmdline), in order. Other tokens are ignored; a token with an
+// empty key is skipped.
+func ParseCmdlineEnv(cmdline string) []EnvVar {
+	var vars []EnvVar
+	for _, tok := range strings.Fields(cmdline) {
+		rest, ok := strings.CutPrefix(tok, CmdlineEnvPrefix)
+		if !ok {
+			continue
+		}
+		k, v, _ := strings.Cut(rest, "=")
+		k = cmdlineUnescape(k)
+		if k == "" {
+			continue
+		}
+		vars = append(vars, EnvVar{Key: k, Value: cmdlineUnescape(v)})
+	}
+	return vars
+}
+
+// CmdlineValue returns the value of the first "key=value" token of a kernel
+// command line, and whether it was present.
+func CmdlineValue(cmdline, key string) (string, bool) {
+	for _, tok := range strings.Fields(cmdline) {
+		if v, ok := strings.CutPrefix(tok, key+"="); ok {
+			return v, true
+		}
+	}
+	return "", false
+}

@@ -1,0 +1,49 @@
+// Package testenv holds capability checks for tests. A check that fails
+// skips the test with its reason, except when HYPHAE_E2E=require (set by
+// CI), where a missing prerequisite fails the test instead: in CI a skip
+// would hide a broken install step.
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// Required reports whether missing prerequisites must fail tests.
+func Required() bool { return os.Getenv("HYPHAE_E2E") == "require" }
+
+// Unavailable skips or, under HYPHAE_E2E=require, fails t with reason.
+func Unavailable(t testing.TB, reason string) {
+	t.Helper()
+	if Required() {
+		t.Fatalf("prerequisite missing (HYPHAE_E2E=require): %s", reason)
+	}
+	t.Skipf("skipped: %s (set HYPHAE_E2E=require to make this a failure)", reason)
+}
+
+// RequiresRoot needs uid 0.
+func RequiresRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		Unavailable(t, "needs root")
+	}
+}
+
+// RequiresTool needs program on PATH and returns its path.
+func RequiresTool(t testing.TB, program string) string {
+	t.Helper()
+	p, err := exec.LookPath(program)
+	if err != nil {
+		Unavailable(t, program+" not found on PATH")
+	}
+	return p
+}
+
+// Optional is for prerequisites that CI cannot provide on these machines
+// (a real Firecracker with working KVM): it always skips, whatever
+// HYPHAE_E2E says.
+func Optional(t testing.TB, reason string) {
+	t.Helper()
+	t.Skipf("skipped: %s", reason)
+}
