@@ -7,6 +7,8 @@ package testenv
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -46,4 +48,37 @@ func RequiresTool(t testing.TB, program string) string {
 func Optional(t testing.TB, reason string) {
 	t.Helper()
 	t.Skipf("skipped: %s", reason)
+}
+
+// GuestBinaries builds the named commands under cmd/ with CGO_ENABLED=0
+// into a fresh directory, points HYPHAE_LIBEXEC at it for the rest of the
+// test, and returns the directory.
+func GuestBinaries(t testing.TB, names ...string) string {
+	t.Helper()
+	root := ModuleRoot(t)
+	dir := t.TempDir()
+	for _, n := range names {
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, n), "./cmd/"+n)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("building %s: %v\n%s", n, err, out)
+		}
+	}
+	t.Setenv("HYPHAE_LIBEXEC", dir)
+	return dir
+}
+
+// ModuleRoot returns the directory holding go.mod.
+func ModuleRoot(t testing.TB) string {
+	t.Helper()
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		t.Fatal("not inside the hyphae module")
+	}
+	return filepath.Dir(mod)
 }
