@@ -214,3 +214,17 @@ func CmdlineValue(cmdline, key string) (string, bool) {
 	}
 	return "", false
 }
+
+// Kernel command-line keys read by hyphae-init and dimension-agent.
+const (
+	// CmdlineChannel names the host↔guest channel transport:
+	// "vsock:<port>" (Firecracker; the guest listens on AF_VSOCK) or
+	// "serial:<device>" such as "serial:/dev/ttyS1" (QEMU without vsock;
+	// the device is a raw byte stream).
+	CmdlineChannel = "hyphae.channel"
+	// CmdlineOverlay asks hyphae-init to put a writable overlay over the
+	// read-only root before anything else: "tmpfs" for a memory-backed
+	// upper layer, or a block device path (an empty ext4 such as
+	// /dev/vdb) for a disk-backed one.
+	CmdlineOverlay = "hyphae.overlay"
+)
