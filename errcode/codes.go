@@ -77,3 +77,10 @@ const (
 	NftFailed     Code = "E804" // an nftables operation failed
 	JailFailed    Code = "E810" // the jailer could not be prepared or run
 )
+
+// Dimension host↔guest protocol and agent (E9xx).
+const (
+	FrameTooLarge     Code = "E901" // a frame declares a length over its cap
+	MalformedFrame    Code = "E902" // a frame is truncated or cannot be decoded
+	ProtocolViolation Code = "E903" // a peer sent a message out of order
+)

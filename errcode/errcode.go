@@ -2,8 +2,9 @@
 //
 // Codes are grouped by hundreds: E1xx prerequisites, E2xx configuration,
 // E3xx processes, E4xx root filesystems, E5xx the registry, E6xx
-// orchestration, E7xx kernels, E8xx networking and the jailer. A code never
-// changes meaning once released, so scripts may match on it.
+// orchestration, E7xx kernels, E8xx networking and the jailer, E9xx the
+// dimension host↔guest protocol and agent. A code never changes meaning once
+// released, so scripts may match on it.
 //
 // Errors render as "E402: no project marker found in ./x (...)" and carry an
 // optional hint for the user. They work with errors.Is (two errors match when
