@@ -76,22 +76,32 @@ func ParseEnvVar(s string) (EnvVar, error) {
 	if !ok || k == "" {
 		return EnvVar{}, errcode.New(errcode.InvalidEnv, "environment entry %q is not KEY=VALUE", s)
 	}
-	if strings.ContainsAny(k, "\x00\n") || strings.ContainsAny(v, "\x00") {
+	if strings.ContainsAny(k, "\x00\n") {
 		return EnvVar{}, errcode.New(errcode.InvalidEnv, "environment entry %q holds a NUL or newline in its key", s)
+	}
+	if strings.IndexByte(v, 0) >= 0 {
+		return EnvVar{}, errcode.New(errcode.InvalidEnv, "environment entry %q holds a NUL in its value", s)
 	}
 	return EnvVar{Key: k, Value: v}, nil
 }
 
 // EncodeEnvFile renders /etc/hyphae/env: one KEY=VALUE line per variable.
-// Values cannot hold newlines in this format.
+// Values cannot hold newlines in this format, nor end in a carriage return
+// (DecodeEnvFile drops one, so that files written on Windows still parse).
 func EncodeEnvFile(vars []EnvVar) ([]byte, error) {
 	var b bytes.Buffer
 	for _, v := range vars {
 		if _, err := ParseEnvVar(v.String()); err != nil {
 			return nil, err
 		}
+		if strings.Contains(v.Key, "=") {
+			return nil, errcode.New(errcode.InvalidEnv, "key %q holds '=', which /etc/hyphae/env cannot carry", v.Key)
+		}
 		if strings.Contains(v.Value, "\n") {
 			return nil, errcode.New(errcode.InvalidEnv, "value of %s holds a newline, which /etc/hyphae/env cannot carry", v.Key)
+		}
+		if strings.HasSuffix(v.Value, "\r") {
+			return nil, errcode.New(errcode.InvalidEnv, "value of %s ends in a carriage return, which /etc/hyphae/env cannot carry", v.Key)
 		}
 		b.WriteString(v.String())
 		b.WriteByte('\n')
@@ -136,12 +146,14 @@ func MergeEnv(layers ...[]EnvVar) []EnvVar {
 }
 
 // cmdlineEscape percent-encodes what cannot stand in a kernel command-line
-// token: '%', whitespace, quotes, and '=' when inKey.
+// token: '%', whitespace, quotes, '=' when inKey, and every byte outside
+// printable ASCII (the kernel's isspace also splits at 0xA0, which occurs
+// inside UTF-8 sequences).
 func cmdlineEscape(s string, inKey bool) string {
 	var b strings.Builder
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		if c == '%' || c <= ' ' || c == '"' || c == 0x7f || (inKey && c == '=') {
+		if c == '%' || c <= ' ' || c == '"' || c >= 0x7f || (inKey && c == '=') {
 			fmt.Fprintf(&b, "%%%02X", c)
 			continue
 		}
@@ -189,7 +201,7 @@ func EncodeCmdlineEnv(vars []EnvVar) string {
 // empty key is skipped.
 func ParseCmdlineEnv(cmdline string) []EnvVar {
 	var vars []EnvVar
-	for _, tok := range strings.Fields(cmdline) {
+	for _, tok := range cmdlineFields(cmdline) {
 		rest, ok := strings.CutPrefix(tok, CmdlineEnvPrefix)
 		if !ok {
 			continue
@@ -204,10 +216,19 @@ func ParseCmdlineEnv(cmdline string) []EnvVar {
 	return vars
 }
 
+// cmdlineFields splits a kernel command line at ASCII whitespace, byte by
+// byte. strings.Fields would also split at Unicode spaces such as U+0085,
+// cutting a hand-written UTF-8 value that the kernel keeps whole.
+func cmdlineFields(cmdline string) []string {
+	return strings.FieldsFunc(cmdline, func(r rune) bool {
+		return r == ' ' || r == '\t' || r == '\n' || r == '\v' || r == '\f' || r == '\r'
+	})
+}
+
 // CmdlineValue returns the value of the first "key=value" token of a kernel
 // command line, and whether it was present.
 func CmdlineValue(cmdline, key string) (string, bool) {
-	for _, tok := range strings.Fields(cmdline) {
+	for _, tok := range cmdlineFields(cmdline) {
 		if v, ok := strings.CutPrefix(tok, key+"="); ok {
 			return v, true
 		}

@@ -39,7 +39,7 @@ func FormatExit(code, signal int) string {
 
 // FormatFatal renders the console line for an init failure.
 func FormatFatal(msg string) string {
-	return statusPrefix + fatalWord + strings.ReplaceAll(msg, "\n", " ")
+	return statusPrefix + fatalWord + strings.NewReplacer("\r", " ", "\n", " ").Replace(msg)
 }
 
 // ParseStatusLine parses one console line. It reports false for any line
