@@ -1,0 +1,39 @@
+# hyphae + dimension. `make help` lists the targets.
+GO        ?= go
+BIN       ?= bin
+KERNELS   ?= /var/cache/hyphae/kernels
+# Guest binaries must be static: CGO_ENABLED=0 for everything we build.
+export CGO_ENABLED = 0
+
+.PHONY: help deps build install test test-short fuzz bench demo clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+deps: ## install apt packages and the test kernel (idempotent; needs root)
+	./scripts/install-deps.sh
+
+build: ## build every binary into ./bin (hyphae finds hyphae-init next to itself)
+	$(GO) build -trimpath -o $(BIN)/ ./cmd/...
+
+install: ## go install every binary (statically linked)
+	$(GO) install -trimpath ./cmd/...
+
+test: deps ## install what the tests need, then run every test with real VMs required
+	HYPHAE_E2E=require HYPHAE_TEST_KERNEL=$(KERNELS)/vmlinuz \
+		$(GO) test -p 2 -timeout 25m ./...
+
+test-short: ## unit tests only, no VMs, no root
+	$(GO) test -short ./...
+
+fuzz: ## run each fuzz target for a short while
+	./scripts/fuzz.sh 20s
+
+bench: build ## benchmarks (ratios against baselines measured in the same run)
+	$(GO) run ./bench/build
+
+demo: deps build ## build the Go example and run it in a microVM
+	./scripts/demo.sh
+
+clean:
+	rm -rf $(BIN)

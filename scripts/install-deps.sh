@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what hyphae's tests and demo need on a fresh Debian 12 machine:
+# e2fsprogs (mkfs.ext4, debugfs), QEMU for real boots, nftables and iproute2
+# for networking tests, PostgreSQL for the store tests, and the Debian cloud
+# kernel (cached outside the repository by scripts/fetch-kernel.sh).
+# Idempotent: a second run installs nothing.
+set -euo pipefail
+pkgs=(e2fsprogs qemu-system-x86 nftables iproute2 util-linux postgresql)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The test kernel: Debian's cloud kernel, cached outside the repository.
+"$(dirname "$0")/fetch-kernel.sh" "${HYPHAE_KERNEL_CACHE:-/var/cache/hyphae/kernels}" >/dev/null
