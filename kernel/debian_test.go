@@ -1,0 +1,73 @@
+package kernel_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/kernel"
+	"github.com/hyphae-run/hyphae/kernel/kerneltest"
+	"github.com/hyphae-run/hyphae/vmm"
+)
+
+// TestFetchDebian runs the recipe CI uses to get its kernel, for real.
+func TestFetchDebian(t *testing.T) {
+	if testing.Short() {
+		t.Skip("downloads a kernel package (-short)")
+	}
+	testenv.RequiresRoot(t)
+	testenv.RequiresTool(t, "apt-get")
+	testenv.RequiresTool(t, "dpkg")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	path, err := kernel.FetchDebian(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := kernel.Inspect(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Format != kernel.FormatBzImage || info.Arch != kernel.ArchX86_64 {
+		t.Errorf("Debian cloud kernel inspected as %+v, want an x86_64 bzImage", info)
+	}
+	if err := kernel.CheckBootable(info, vmm.QEMU); err != nil {
+		t.Error(err)
+	}
+	if err := kernel.CheckBootable(info, vmm.Firecracker); err == nil {
+		t.Error("Firecracker accepted a bzImage")
+	}
+	if target, err := os.Readlink(filepath.Join(dir, kernel.CurrentLink)); err != nil || target != filepath.Base(path) {
+		t.Errorf("%s link = %q, %v", kernel.CurrentLink, target, err)
+	}
+	st, _ := os.Stat(path)
+	again, err := kernel.FetchDebian(ctx, dir)
+	if err != nil || again != path {
+		t.Fatalf("second FetchDebian = %s, %v", again, err)
+	}
+	if st2, _ := os.Stat(path); !st2.ModTime().Equal(st.ModTime()) {
+		t.Error("second FetchDebian replaced the cached kernel")
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.Name()[0] == '.' {
+			t.Errorf("work file %s left behind", e.Name())
+		}
+	}
+}
+
+// TestInspectTestKernel checks the kernel the real-boot tests use.
+func TestInspectTestKernel(t *testing.T) {
+	info, err := kernel.Inspect(kerneltest.Path(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kernel.CheckBootable(info, vmm.QEMU); err != nil {
+		t.Errorf("QEMU cannot boot the test kernel: %v", err)
+	}
+	t.Logf("test kernel: %+v", info)
+}
