@@ -11,7 +11,7 @@ import (
 // shell splits words, without expanding anything: whitespace separates
 // words; 'single quotes' keep everything literally; "double quotes" keep
 // everything but a backslash before $, `, ", \ or a newline; outside quotes
-// a backslash keeps the next character; a backslash-newline is removed. "" and '' give an empty argument.
+// a backslash keeps the next character; a backslash-newline is removed. "" and ” give an empty argument.
 // An unterminated quote or a trailing backslash is an E201 error, as is a
 // command with no words.
 func SplitCommand(s string) ([]string, error) {
