@@ -1,0 +1,350 @@
+package guestinit
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hyphae-run/hyphae/guest"
+	"github.com/hyphae-run/hyphae/guestbin"
+	"github.com/hyphae-run/hyphae/internal/testenv"
+)
+
+// The namespace harness boots the real, static hyphae-init as PID 1 of a
+// fresh PID and mount namespace, chrooted into a root directory built like
+// an image, with the static probe program (testdata/probe) as entrypoint.
+//
+// A kernel command line cannot be given to a namespace: a fresh proc shows
+// the host's. So the harness prepares /proc the way a supervisor may:
+// before exec'ing init it mounts the namespace's proc at ROOT/proc and
+// bind-mounts a file over ROOT/proc/cmdline. Init skips mounting a proc
+// that is already there (as it skips the kernel's devtmpfs automount) and
+// reads /proc/cmdline as always; production code has no test-only path.
+
+// testImage describes the root directory a boot runs in.
+type testImage struct {
+	entrypoint []string // nil: no /etc/hyphae/entrypoint
+	env        string   // /etc/hyphae/env, "" for none
+	workdir    string   // /etc/hyphae/workdir, "" for none
+	agent      bool     // install the probe as /sbin/dimension-agent
+}
+
+type harness struct {
+	init, probe string
+}
+
+func newHarness(t *testing.T) harness {
+	t.Helper()
+	testenv.RequiresRoot(t)
+	testenv.RequiresTool(t, "unshare")
+	testenv.RequiresTool(t, "chroot")
+	testenv.GuestBinaries(t, guestbin.Init)
+	init, err := guestbin.Locate(guestbin.Init)
+	if err != nil {
+		t.Fatal(err)
+	}
+	probe := filepath.Join(t.TempDir(), "probe")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", probe, "./testdata/probe")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building the probe: %v\n%s", err, out)
+	}
+	return harness{init: init, probe: probe}
+}
+
+// root builds the image directory.
+func (h harness) root(t *testing.T, img testImage) string {
+	t.Helper()
+	root := t.TempDir()
+	for _, d := range []string{"sbin", "bin", "etc/hyphae", "app/sub", "dev", "proc", "sys", "run", "tmp"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	copyFile(t, h.init, filepath.Join(root, guest.InitPath))
+	copyFile(t, h.probe, filepath.Join(root, "bin/probe"))
+	if img.agent {
+		copyFile(t, h.probe, filepath.Join(root, guest.AgentPath))
+	}
+	if img.entrypoint != nil {
+		writeFile(t, filepath.Join(root, guest.EntrypointPath), entrypoint(t, img.entrypoint...))
+	}
+	if img.env != "" {
+		writeFile(t, filepath.Join(root, guest.EnvPath), img.env)
+	}
+	if img.workdir != "" {
+		writeFile(t, filepath.Join(root, guest.WorkdirPath), img.workdir+"\n")
+	}
+	return root
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func writeFile(t *testing.T, p, content string) {
+	t.Helper()
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// bootResult is what a boot printed and how the namespace ended.
+type bootResult struct {
+	lines  []string
+	stderr string
+	state  *os.ProcessState
+}
+
+// has reports whether line was printed.
+func (b bootResult) has(line string) bool {
+	for _, l := range b.lines {
+		if l == line {
+			return true
+		}
+	}
+	return false
+}
+
+// status parses the last console line, which must be init's.
+func (b bootResult) status(t *testing.T) guest.Status {
+	t.Helper()
+	if len(b.lines) == 0 {
+		t.Fatalf("no console output; stderr:\n%s", b.stderr)
+	}
+	last := b.lines[len(b.lines)-1]
+	st, ok := guest.ParseStatusLine(last)
+	if !ok {
+		t.Fatalf("last console line %q is not a status line; console:\n%s\nstderr:\n%s", last, strings.Join(b.lines, "\n"), b.stderr)
+	}
+	return st
+}
+
+// endedByReboot reports whether the namespace ended the way reboot(2) from
+// its PID 1 ends it: init killed by SIGHUP, which unshare either reports
+// as 129 or re-raises on itself.
+func (b bootResult) endedByReboot() bool {
+	if ws, ok := b.state.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return ws.Signal() == syscall.SIGHUP
+	}
+	return b.state.ExitCode() == 128+int(syscall.SIGHUP)
+}
+
+// boot runs root's /sbin/init as PID 1 of a new PID and mount namespace.
+// A non-empty cmdline becomes the namespace's /proc/cmdline. onLine sees
+// each console line with init's host pid.
+func boot(t *testing.T, root, cmdline string, onLine func(line string, initPid int)) bootResult {
+	t.Helper()
+	args := []string{"--pid", "--mount", "--fork", "--propagation", "private", "--kill-child"}
+	if cmdline == "" {
+		args = append(args, "chroot", root, guest.InitPath)
+	} else {
+		f := filepath.Join(t.TempDir(), "cmdline")
+		writeFile(t, f, cmdline+"\n")
+		args = append(args, "sh", "-c",
+			`mount -t proc proc "$1/proc" && mount --bind "$2" "$1/proc/cmdline" && exec chroot "$1" "$3"`,
+			"sh", root, f, guest.InitPath)
+	}
+	// The deadline only keeps a broken init from hanging the test run.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "unshare", args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var res bootResult
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		line := sc.Text()
+		res.lines = append(res.lines, line)
+		if onLine != nil {
+			onLine(line, childOf(t, cmd.Process.Pid))
+		}
+	}
+	err = cmd.Wait()
+	var exitErr *exec.ExitError
+	if err != nil && !errors.As(err, &exitErr) {
+		t.Fatalf("unshare: %v\n%s", err, stderr.String())
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("boot did not end: console:\n%s\nstderr:\n%s", strings.Join(res.lines, "\n"), stderr.String())
+	}
+	res.stderr, res.state = stderr.String(), cmd.ProcessState
+	return res
+}
+
+// childOf returns the only child of pid: with --fork, unshare's child is
+// the namespace's PID 1.
+func childOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		t.Fatalf("finding init: %v", err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 1 {
+		t.Fatalf("unshare has children %q, want one", f)
+	}
+	n, err := strconv.Atoi(f[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestPID1InNamespace(t *testing.T) {
+	h := newHarness(t)
+	report := []string{"/bin/probe", "report"}
+	tests := []struct {
+		name    string
+		img     testImage
+		cmdline string
+		// signalOn sends SIGTERM to init when this line appears.
+		signalOn string
+		want     []string
+		status   guest.Status
+		// fatal is a substring of the fatal message, for fatal boots.
+		fatal string
+		check func(t *testing.T, root string)
+	}{
+		{
+			name:    "mounts, env precedence, workdir, stdin",
+			img:     testImage{entrypoint: report, env: "A=file\nB=file\nHOME=/app\n", workdir: "/app/sub"},
+			cmdline: "console=ttyS0 reboot=k hyphae.env.B=from%20cmdline hyphae.env.C=c panic=-1",
+			want: []string{
+				"probe: env.A=file", "probe: env.B=from cmdline", "probe: env.C=c",
+				"probe: env.HOME=/app", "probe: env.TERM=linux",
+				"probe: env.PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+				"probe: cwd=/app/sub", "probe: ppid=1", "probe: stdin.rdev=1:3", "probe: stdin.read=0 EOF",
+				"probe: mount=/dev devtmpfs", "probe: mount=/proc proc", "probe: mount=/sys sysfs",
+				"probe: mount=/sys/fs/cgroup cgroup2", "probe: mount=/run tmpfs", "probe: mount=/tmp tmpfs",
+			},
+			status: guest.Status{ExitCode: 0},
+		},
+		{
+			name:   "init mounts proc itself; no command line env",
+			img:    testImage{entrypoint: report, env: "B=file\n"},
+			want:   []string{"probe: env.B=file", "probe: env.C=<unset>", "probe: cwd=/", "probe: mount=/proc proc"},
+			status: guest.Status{ExitCode: 0},
+		},
+		{name: "exit 3", img: testImage{entrypoint: []string{"/bin/probe", "exit", "3"}}, status: guest.Status{ExitCode: 3}},
+		{name: "killed by SIGKILL", img: testImage{entrypoint: []string{"/bin/probe", "kill9"}}, status: guest.Status{ExitCode: 137, Signal: 9}},
+		{
+			name:   "orphans reaped",
+			img:    testImage{entrypoint: []string{"probe", "orphans", "5"}},
+			want:   []string{"probe: orphans.reaped=5"},
+			status: guest.Status{ExitCode: 0},
+		},
+		{
+			name:     "SIGTERM forwarded",
+			img:      testImage{entrypoint: []string{"/bin/probe", "trap"}},
+			signalOn: "probe: ready=1",
+			want:     []string{"probe: signal=terminated"},
+			status:   guest.Status{ExitCode: 0},
+		},
+		{
+			name:    "agent runs instead of the entrypoint",
+			img:     testImage{entrypoint: report, env: "A=file\n", workdir: "/app", agent: true},
+			cmdline: "hyphae.env.A=cmdline",
+			want:    []string{"probe: agent.entrypoint=/bin/probe report", "probe: agent.env.A=cmdline", "probe: agent.cwd=/app"},
+			status:  guest.Status{ExitCode: 0},
+		},
+		{name: "missing entrypoint", img: testImage{}, fatal: "E304: cannot read /etc/hyphae/entrypoint"},
+		{name: "program not found", img: testImage{entrypoint: []string{"nosuch"}}, fatal: `E304: program "nosuch" not found in PATH=`},
+		{name: "bad overlay", img: testImage{entrypoint: report}, cmdline: "hyphae.overlay=bogus", fatal: "E304: hyphae.overlay=bogus: want tmpfs or a block device path"},
+		{
+			name:    "tmpfs overlay root",
+			img:     testImage{entrypoint: []string{"/bin/probe", "write-root"}},
+			cmdline: "hyphae.overlay=tmpfs hyphae.env.A=1",
+			want: []string{"probe: readback=written in the guest", "probe: mount=/ overlay", "probe: mount=/proc proc",
+				"probe: mount=/dev devtmpfs", "probe: mount=/run tmpfs", "probe: mount=/tmp tmpfs"},
+			status: guest.Status{ExitCode: 0},
+			check: func(t *testing.T, root string) {
+				if _, err := os.Stat(filepath.Join(root, "overlay-probe")); !errors.Is(err, os.ErrNotExist) {
+					t.Fatalf("the write reached the lower root: stat = %v", err)
+				}
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := h.root(t, tt.img)
+			signalled := false
+			res := boot(t, root, tt.cmdline, func(line string, initPid int) {
+				if tt.signalOn != "" && line == tt.signalOn && !signalled {
+					signalled = true
+					if err := syscall.Kill(initPid, syscall.SIGTERM); err != nil {
+						t.Errorf("SIGTERM to init %d: %v", initPid, err)
+					}
+				}
+			})
+			console := strings.Join(res.lines, "\n")
+			for _, w := range tt.want {
+				if !res.has(w) {
+					t.Errorf("console lacks %q", w)
+				}
+			}
+			st := res.status(t)
+			switch {
+			case tt.fatal != "":
+				if st.ExitCode != -1 || !strings.Contains(st.Fatal, tt.fatal) {
+					t.Errorf("status %+v, want a fatal line containing %q", st, tt.fatal)
+				}
+			case st != tt.status:
+				t.Errorf("status %+v, want %+v", st, tt.status)
+			}
+			if !res.endedByReboot() {
+				t.Errorf("namespace ended with %v, want init killed by reboot(2) (SIGHUP)", res.state)
+			}
+			if tt.check != nil {
+				tt.check(t, root)
+			}
+			if t.Failed() {
+				t.Logf("console:\n%s\nstderr:\n%s", console, res.stderr)
+			}
+		})
+	}
+}
+
+// TestRefusesWhenNotPID1 runs the binary by hand.
+func TestRefusesWhenNotPID1(t *testing.T) {
+	testenv.GuestBinaries(t, guestbin.Init)
+	init, err := guestbin.Locate(guestbin.Init)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd := exec.Command(init)
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	var exitErr *exec.ExitError
+	if !errors.As(err, &exitErr) || exitErr.ExitCode() != 2 {
+		t.Fatalf("run by hand: %v, want exit status 2", err)
+	}
+	if !strings.Contains(stderr.String(), "refusing to run as pid") {
+		t.Fatalf("stderr = %q, want a refusal", stderr.String())
+	}
+}
