@@ -23,8 +23,9 @@ type projectFiles interface {
 
 // jsEntry is what package.json says about how to start the program.
 type jsEntry struct {
-	argv []string
-	env  []guest.EnvVar // from VAR=value words in front of scripts.start
+	argv   []string
+	script string         // the script node runs, under /app; "" for node -e/-p
+	env    []guest.EnvVar // from VAR=value words in front of scripts.start
 }
 
 // startHint is shown whenever scripts.start cannot be turned into a
@@ -69,11 +70,11 @@ func parsePackageJSON(data []byte, files projectFiles) (jsEntry, error) {
 			if err != nil {
 				return jsEntry{}, err
 			}
-			return jsEntry{argv: []string{NodePath, script}}, nil
+			return jsEntry{argv: []string{NodePath, script}, script: script}, nil
 		}
 	}
 	if files.isFile("index.js") {
-		return jsEntry{argv: []string{NodePath, AppDir + "/index.js"}}, nil
+		return jsEntry{argv: []string{NodePath, AppDir + "/index.js"}, script: AppDir + "/index.js"}, nil
 	}
 	return jsEntry{}, errcode.New(errcode.NoEntrypoint, "package.json has no scripts.start or main, and there is no index.js").
 		WithHint("add scripts.start (`node FILE`), main, or an index.js, or pass --entrypoint")
@@ -99,7 +100,7 @@ func entryFromStart(start string, files projectFiles) (jsEntry, error) {
 	}
 	cmd, args := words[0], words[1:]
 	if b := path.Base(cmd); b == "node" || b == "nodejs" {
-		e.argv, err = nodeCommand(args, files)
+		e.argv, e.script, err = nodeCommand(args, files)
 		if err != nil {
 			return jsEntry{}, err
 		}
@@ -117,7 +118,8 @@ func entryFromStart(start string, files projectFiles) (jsEntry, error) {
 	if !ok {
 		return jsEntry{}, errcode.New(errcode.NoEntrypoint, "scripts.start runs %s, which is not a node script (its first line is not a node shebang)", rel).WithHint(startHint)
 	}
-	e.argv = append(append(append([]string{NodePath}, flags...), AppDir+"/"+rel), args...)
+	e.script = AppDir + "/" + rel
+	e.argv = append(append(append([]string{NodePath}, flags...), e.script), args...)
 	return e, nil
 }
 
@@ -130,8 +132,9 @@ var nodeValueFlags = map[string]bool{
 }
 
 // nodeCommand builds the argv for `node ARGS`: options kept as they are,
-// the script made absolute under /app, its arguments kept.
-func nodeCommand(args []string, files projectFiles) ([]string, error) {
+// the script made absolute under /app, its arguments kept. It returns the
+// argv and the script.
+func nodeCommand(args []string, files projectFiles) ([]string, string, error) {
 	argv := []string{NodePath}
 	eval := false
 	for i := 0; i < len(args); i++ {
@@ -144,7 +147,7 @@ func nodeCommand(args []string, files projectFiles) ([]string, error) {
 		case a == "-e" || a == "--eval" || a == "-p" || a == "--print":
 			eval = true
 		case a == "-":
-			return nil, errcode.New(errcode.NoEntrypoint, "scripts.start runs node on stdin, which is /dev/null in the image").WithHint(startHint)
+			return nil, "", errcode.New(errcode.NoEntrypoint, "scripts.start runs node on stdin, which is /dev/null in the image").WithHint(startHint)
 		case strings.HasPrefix(a, "-"):
 			if nodeValueFlags[a] && i+1 < len(args) {
 				argv = append(argv, a)
@@ -159,18 +162,19 @@ func nodeCommand(args []string, files projectFiles) ([]string, error) {
 		argv = append(argv, a)
 	}
 	if !eval {
-		return nil, errcode.New(errcode.NoEntrypoint, "scripts.start runs node without a script").WithHint(startHint)
+		return nil, "", errcode.New(errcode.NoEntrypoint, "scripts.start runs node without a script").WithHint(startHint)
 	}
-	return argv, nil
+	return argv, "", nil
 }
 
-// nodeScript appends the script rest[0], made absolute, and its arguments.
-func nodeScript(argv, rest []string, files projectFiles) ([]string, error) {
+// nodeScript appends the script rest[0], made absolute, and its
+// arguments, and returns the argv and the script.
+func nodeScript(argv, rest []string, files projectFiles) ([]string, string, error) {
 	script, err := appScript(rest[0], files, "scripts.start")
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	return append(append(argv, script), rest[1:]...), nil
+	return append(append(argv, script), rest[1:]...), script, nil
 }
 
 // appScript checks that the script p (relative to the project, or absolute

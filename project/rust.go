@@ -112,6 +112,24 @@ func rustFlags(projectDir string) string {
 	return strings.Join(flags, "\x1f")
 }
 
+// cargoSelect reads the metadata of the cargo project in dir (an absolute
+// path) and picks its binary.
+func cargoSelect(ctx context.Context, dir string) (cargoMetadata, cargoBin, error) {
+	var meta cargoMetadata
+	out, err := (tool{dir: dir, name: "cargo", args: []string{"metadata", "--no-deps", "--format-version", "1"}}).output(ctx)
+	if err != nil {
+		if errcode.HasCode(err, errcode.MissingTool) {
+			return meta, cargoBin{}, err
+		}
+		return meta, cargoBin{}, errcode.Wrap(errcode.InvalidManifest, err, "reading %s", filepath.Join(dir, "Cargo.toml"))
+	}
+	if err := json.Unmarshal(out, &meta); err != nil {
+		return meta, cargoBin{}, errcode.Wrap(errcode.InvalidManifest, err, "parsing cargo metadata of %s", dir)
+	}
+	bin, err := meta.selectBin(filepath.Join(dir, "Cargo.toml"))
+	return meta, bin, err
+}
+
 // stageRust builds the project with cargo and stages its binary.
 func stageRust(ctx context.Context, dir string, root *os.Root, opts Options) (Result, error) {
 	abs, err := filepath.Abs(dir)
@@ -121,18 +139,7 @@ func stageRust(ctx context.Context, dir string, root *os.Root, opts Options) (Re
 	if err != nil {
 		return Result{}, errcode.Wrap(errcode.InvalidArgument, err, "project directory %s", dir)
 	}
-	out, err := (tool{dir: abs, name: "cargo", args: []string{"metadata", "--no-deps", "--format-version", "1"}}).output(ctx)
-	if err != nil {
-		if errcode.HasCode(err, errcode.MissingTool) {
-			return Result{}, err
-		}
-		return Result{}, errcode.Wrap(errcode.InvalidManifest, err, "reading %s", filepath.Join(dir, "Cargo.toml"))
-	}
-	var meta cargoMetadata
-	if err := json.Unmarshal(out, &meta); err != nil {
-		return Result{}, errcode.Wrap(errcode.InvalidManifest, err, "parsing cargo metadata of %s", dir)
-	}
-	bin, err := meta.selectBin(filepath.Join(abs, "Cargo.toml"))
+	meta, bin, err := cargoSelect(ctx, abs)
 	if err != nil {
 		return Result{}, err
 	}
