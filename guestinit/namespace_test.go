@@ -48,6 +48,7 @@ func newHarness(t *testing.T) harness {
 	testenv.RequiresRoot(t)
 	testenv.RequiresTool(t, "unshare")
 	testenv.RequiresTool(t, "chroot")
+	testenv.RequiresTool(t, "mount")
 	testenv.GuestBinaries(t, guestbin.Init)
 	init, err := guestbin.Locate(guestbin.Init)
 	if err != nil {
@@ -346,5 +347,67 @@ func TestRefusesWhenNotPID1(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "refusing to run as pid") {
 		t.Fatalf("stderr = %q, want a refusal", stderr.String())
+	}
+}
+
+// TestDeviceOverlayPersists boots twice with hyphae.overlay on a real ext4
+// block device (a loop device): the first boot's write lands on the device,
+// not in the lower root, and the second boot sees it.
+func TestDeviceOverlayPersists(t *testing.T) {
+	h := newHarness(t)
+	mkfs := testenv.RequiresTool(t, "mkfs.ext4")
+	losetup := testenv.RequiresTool(t, "losetup")
+	debugfs := testenv.RequiresTool(t, "debugfs")
+
+	img := filepath.Join(t.TempDir(), "upper.ext4")
+	if err := os.WriteFile(img, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	// No journal: after init's sync() every block is where debugfs,
+	// which does not replay a journal, will look for it.
+	if out, err := exec.Command(mkfs, "-q", "-F", "-O", "^has_journal", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	out, err := exec.Command(losetup, "--find", "--show", img).CombinedOutput()
+	if err != nil {
+		testenv.Unavailable(t, fmt.Sprintf("no loop device: %v: %s", err, out))
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { _ = exec.Command(losetup, "-d", dev).Run() })
+
+	cmdline := "hyphae.overlay=" + dev
+	for _, step := range []struct {
+		mode string
+		want []string
+	}{
+		{"write-root", []string{"probe: readback=written in the guest", "probe: mount=/ overlay", "probe: mount=/dev devtmpfs"}},
+		{"read-root", []string{"probe: readback=written in the guest"}},
+	} {
+		root := h.root(t, testImage{entrypoint: []string{"/bin/probe", step.mode}})
+		res := boot(t, root, cmdline, nil)
+		for _, w := range step.want {
+			if !res.has(w) {
+				t.Errorf("%s: console lacks %q", step.mode, w)
+			}
+		}
+		if st := res.status(t); st != (guest.Status{ExitCode: 0}) {
+			t.Errorf("%s: status %+v", step.mode, st)
+		}
+		if !res.endedByReboot() {
+			t.Errorf("%s: namespace ended with %v", step.mode, res.state)
+		}
+		if _, err := os.Stat(filepath.Join(root, "overlay-probe")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: the write reached the lower root: stat = %v", step.mode, err)
+		}
+		if t.Failed() {
+			t.Fatalf("console:\n%s\nstderr:\n%s", strings.Join(res.lines, "\n"), res.stderr)
+		}
+	}
+	got, err := exec.Command(debugfs, "-R", "cat /hyphae-overlay/upper/overlay-probe", img).Output()
+	if err != nil || string(got) != "written in the guest\n" {
+		t.Fatalf("upper layer on the device holds %q, %v", got, err)
 	}
 }

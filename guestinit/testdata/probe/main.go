@@ -26,7 +26,7 @@ func main() {
 		return
 	}
 	if len(os.Args) < 2 {
-		fail("usage: probe report|exit N|kill9|orphans N|trap|write-root|spawn")
+		fail("usage: probe report|exit N|kill9|orphans N|trap|write-root|read-root|spawn")
 	}
 	switch os.Args[1] {
 	case "report":
@@ -46,6 +46,8 @@ func main() {
 		trap()
 	case "write-root":
 		writeRoot()
+	case "read-root":
+		readRoot()
 	default:
 		fail("unknown mode " + os.Args[1])
 	}
@@ -170,12 +172,17 @@ func writeRoot() {
 	if err := os.WriteFile("/overlay-probe", []byte("written in the guest\n"), 0o644); err != nil {
 		fail(err.Error())
 	}
+	readRoot()
+	mounts()
+}
+
+// readRoot prints what /overlay-probe holds.
+func readRoot() {
 	b, err := os.ReadFile("/overlay-probe")
 	if err != nil {
 		fail(err.Error())
 	}
 	say("readback", strings.TrimSpace(string(b)))
-	mounts()
 }
 
 // agent plays /sbin/dimension-agent: it reads the entrypoint itself.
