@@ -74,6 +74,11 @@ func copyTree(ctx context.Context, src string, root *os.Root, dst string, skip f
 		mtime time.Time
 	}
 	var dirs []dirFix
+	// A stage inside the project would otherwise be copied into itself.
+	stageInfo, err := root.Stat(".")
+	if err != nil {
+		return stats, errcode.Wrap(errcode.StagingFailed, err, "staging directory")
+	}
 	err = fs.WalkDir(srcRoot.FS(), ".", func(rel string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -93,6 +98,8 @@ func copyTree(ctx context.Context, src string, root *os.Root, dst string, skip f
 		}
 		name := path.Join(dst, rel)
 		switch {
+		case d.IsDir() && os.SameFile(info, stageInfo):
+			return fs.SkipDir
 		case d.IsDir():
 			if err := root.MkdirAll(name, 0o700); err != nil {
 				return err
@@ -103,6 +110,10 @@ func copyTree(ctx context.Context, src string, root *os.Root, dst string, skip f
 			target, err := srcRoot.Readlink(rel)
 			if err != nil {
 				return err
+			}
+			if filepath.IsAbs(target) {
+				opts.logger().Warn("absolute symlink copied as it is; it resolves against the image's root, not the host's",
+					"path", filepath.Join(src, rel), "target", target)
 			}
 			if err := root.Symlink(target, name); err != nil {
 				return err

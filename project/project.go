@@ -1,19 +1,36 @@
 // Package project turns a project directory into the files its image needs.
 //
 // Detect names a project's kind from its marker file (package.json,
-// Cargo.toml, go.mod). Stage builds the project when it is compiled (Rust,
-// Go) and writes the program into a staging directory under /app; for
-// JavaScript it copies the project with a Node.js runtime and that runtime's
-// shared-library closure, so that the image needs nothing else. StageBinary
-// does the same for one prebuilt program.
+// Cargo.toml, go.mod). Stage builds the project when it is compiled and
+// writes what the image needs into a staging directory, the root of the
+// future image; StageBinary does the same for one prebuilt program. Every
+// write goes through an os.Root opened on the stage, so nothing — a
+// symlink in the project, a hostile path — can make them write outside it.
 //
-// The staging directory is the root of the future image. Every write goes
-// through an os.Root opened on it, so nothing — not a symlink in the project,
-// not a hostile path — can make Stage write outside it. The staged tree is
-// reproducible for unchanged input: file contents and modes are copied
-// exactly and compiled programs are built reproducibly (-trimpath for Go,
-// --remap-path-prefix for Rust), because a later step hashes the tree to
-// decide whether a cached image is still valid.
+// JavaScript: the project is copied to /app, node_modules included,
+// without the paths listed by ExcludedPaths (version control and caches,
+// matched at the project root). Symlinks are copied as symlinks and never
+// followed, even when they point outside the project. The runtime is the
+// host's node (or Options.Node) resolved to its real file and staged at
+// /usr/bin/node with its loader (at its PT_INTERP path) and its
+// shared-library closure, found in pure Go the way the loader finds it
+// (DT_NEEDED, DT_RPATH/DT_RUNPATH with $ORIGIN, /etc/ld.so.cache, the
+// standard directories) and staged at the path where it was found. The
+// image has no ld.so.cache, so a library outside the standard directories
+// is announced through LD_LIBRARY_PATH in Result.Env. The image has no
+// shell either, so scripts.start is interpreted rather than run by sh; see
+// parsePackageJSON for what is accepted.
+//
+// Rust: `cargo build --release` for the musl target when installed, else
+// for the gnu target with +crt-static, into cargo's own target directory
+// (incremental rebuilds). Go: `CGO_ENABLED=0 go build -trimpath
+// -buildvcs=false` of the root main package or the only one under cmd/.
+// Both programs must come out static and go to /app/<name>.
+//
+// The staged tree is reproducible for unchanged input — file contents and
+// modes are copied exactly, mtimes of copied files kept, programs built
+// reproducibly — because a later step hashes it to decide whether a cached
+// image is still valid.
 package project
 
 import (

@@ -402,6 +402,21 @@ func TestJavaScriptCopy(t *testing.T) {
 	}
 }
 
+// TestStageInsideProject: a stage inside the project is not copied into
+// itself.
+func TestStageInsideProject(t *testing.T) {
+	testenv.RequiresTool(t, "node")
+	src := t.TempDir()
+	writeTree(t, src, map[string]string{"package.json": "{}", "index.js": "", "stage/": ""})
+	stage := filepath.Join(src, "stage")
+	if _, err := Stage(context.Background(), src, stage, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(filepath.Join(stage, "app", "stage")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the stage was copied into itself: %v", err)
+	}
+}
+
 // TestJavaScriptEntrypointSymlinkOutside: an entry script that is a
 // symlink leaving the project does not count as being in the project.
 func TestJavaScriptEntrypointSymlinkOutside(t *testing.T) {

@@ -93,11 +93,11 @@ func cargoHome() string {
 
 // rustFlags returns CARGO_ENCODED_RUSTFLAGS for a static, reproducible
 // build: the user's flags (CARGO_ENCODED_RUSTFLAGS, else RUSTFLAGS), then
-// +crt-static and path remapping of the project and cargo's home, so that
-// the binary does not depend on where the project sits. With --target,
-// cargo applies these to the program only, not to build scripts or
-// proc-macros (which must stay dynamic).
-func rustFlags(projectDir string) string {
+// +crt-static and path remapping of the project, cargo's home and the
+// target directory, so that the binary does not depend on where the
+// project sits. With --target, cargo applies these to the program only,
+// not to build scripts or proc-macros (which must stay dynamic).
+func rustFlags(projectDir, targetDir string) string {
 	var flags []string
 	if enc := os.Getenv("CARGO_ENCODED_RUSTFLAGS"); enc != "" {
 		flags = strings.Split(enc, "\x1f")
@@ -109,6 +109,11 @@ func rustFlags(projectDir string) string {
 		"--remap-path-prefix="+projectDir+"=/build",
 		"--remap-path-prefix="+cargoHome()+"=/cargo",
 	)
+	if rel, err := filepath.Rel(projectDir, targetDir); err != nil || !filepath.IsLocal(rel) {
+		// A target directory elsewhere (CARGO_TARGET_DIR) holds build
+		// script output that include!() may embed.
+		flags = append(flags, "--remap-path-prefix="+targetDir+"=/target")
+	}
 	return strings.Join(flags, "\x1f")
 }
 
@@ -146,7 +151,7 @@ func stageRust(ctx context.Context, dir string, root *os.Root, opts Options) (Re
 	target := rustTarget(ctx, abs)
 	build := tool{
 		dir:  abs,
-		env:  []string{"CARGO_ENCODED_RUSTFLAGS=" + rustFlags(abs)},
+		env:  []string{"CARGO_ENCODED_RUSTFLAGS=" + rustFlags(abs, meta.TargetDirectory)},
 		name: "cargo",
 		args: []string{"build", "--release", "--target", target, "--package", bin.pkg, "--bin", bin.name},
 	}
