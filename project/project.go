@@ -17,9 +17,18 @@
 // (DT_NEEDED, DT_RPATH/DT_RUNPATH with $ORIGIN, /etc/ld.so.cache, the
 // standard directories) and staged at the path where it was found. The
 // image has no ld.so.cache, so a library outside the standard directories
-// is announced through LD_LIBRARY_PATH in Result.Env. The image has no
-// shell either, so scripts.start is interpreted rather than run by sh; see
-// parsePackageJSON for what is accepted.
+// is announced through LD_LIBRARY_PATH in Result.Env.
+//
+// The JavaScript entrypoint comes from package.json: scripts.start, then
+// main, then index.js. The image has no shell and no npm, so scripts.start
+// is interpreted, not run by sh: it must be one simple command, `node
+// [OPTIONS] FILE [ARGS...]` or a program whose shebang runs node (a
+// node_modules/.bin entry such as `next start`, or a script of the
+// project), which node then runs directly. VAR=value words in front become
+// environment variables; NODE_ENV is production unless set that way.
+// Anything that needs a shell (&&, pipes, redirections, $ expansions,
+// globs) is an errcode.NoEntrypoint error with a hint to pass
+// --entrypoint, which beats an image that fails at boot.
 //
 // Rust: `cargo build --release` for the musl target when installed, else
 // for the gnu target with +crt-static, into cargo's own target directory
