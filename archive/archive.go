@@ -40,9 +40,11 @@
 // Metadata: permissions (including setuid, setgid, sticky) and mtimes are
 // preserved on every entry kind, symlinks included; directory modes and times
 // are applied after all layers so that read-only directories can still be
-// filled. Ownership (Lchown) and device nodes and FIFOs (mknod) need root:
-// without it ownership is left to the caller's uid and such nodes are skipped
-// with a debug log. Extended attributes are not applied.
+// filled. Ownership (Lchown) needs root; without it every file belongs to the
+// caller. FIFOs are created; character and block devices are skipped with a
+// debug log even as root (hyphae-init mounts devtmpfs on /dev, and a device
+// node in a host-side staging tree would be a hole). Extended attributes are
+// not applied.
 package archive
 
 import (
@@ -227,7 +229,7 @@ func (s *scan) index(ctx context.Context, maxMembers int) error {
 	tr := tar.NewReader(s.f)
 	for n := 0; ; n++ {
 		if err := ctx.Err(); err != nil {
-			return errcode.Wrap(errcode.MalformedArchive, err, "reading image archive cancelled")
+			return errcode.Wrap(errcode.StagingFailed, err, "reading image archive cancelled")
 		}
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {

@@ -253,11 +253,12 @@ func sameInode(t *testing.T, a, b string) bool {
 	return sa != nil && sb != nil && sa.Ino == sb.Ino && sa.Dev == sb.Dev
 }
 
-// TestDeviceNodes: as root, character devices and FIFOs are created.
-func TestDeviceNodes(t *testing.T) {
+// TestSpecialFiles: FIFOs are created; device nodes never are.
+func TestSpecialFiles(t *testing.T) {
 	layers := [][]archivetest.Entry{{
 		{Name: "dev/null", Type: '3', Mode: 0o666, Devmajor: 1, Devminor: 3},
-		{Name: "run/fifo", Type: '6', Mode: 0o600},
+		{Name: "dev/vda", Type: '4', Mode: 0o666, Devmajor: 253, Devminor: 0},
+		{Name: "run/fifo", Type: '6', Mode: 0o640, ModTime: t1},
 	}}
 	im, err := Open(context.Background(), writeArchive(t, archivetest.Spec{Layers: layers}), Options{})
 	if err != nil {
@@ -267,21 +268,39 @@ func TestDeviceNodes(t *testing.T) {
 	if err := im.Unpack(context.Background(), dest, nil); err != nil {
 		t.Fatalf("Unpack: %v", err)
 	}
-	fi, err := os.Lstat(filepath.Join(dest, "dev/null"))
-	if os.Geteuid() != 0 {
-		if !errors.Is(err, fs.ErrNotExist) {
-			t.Errorf("without root the device node should be skipped, got %v", err)
+	for _, dev := range []string{"dev/null", "dev/vda"} {
+		if _, err := os.Lstat(filepath.Join(dest, dev)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("device node %s should be skipped, got %v", dev, err)
 		}
-		return
 	}
-	if err != nil || fi.Mode()&fs.ModeCharDevice == 0 || fi.Mode().Perm() != 0o666 {
-		t.Fatalf("dev/null = %v, %v", modeOf(fi), err)
+	fi, err := os.Lstat(filepath.Join(dest, "run/fifo"))
+	if err != nil || fi.Mode() != fs.ModeNamedPipe|0o640 || !fi.ModTime().Equal(t1) {
+		t.Errorf("run/fifo = %v %v, %v", modeOf(fi), timeOf(fi), err)
 	}
-	if st := fi.Sys().(*syscall.Stat_t); st.Rdev != 1<<8|3 {
-		t.Errorf("dev/null rdev = %#x", st.Rdev)
+}
+
+// TestRemoveAll: the unpacked tree, read-only directories included, can be
+// removed again.
+func TestRemoveAll(t *testing.T) {
+	p := writeArchive(t, archivetest.Spec{Layers: [][]archivetest.Entry{{
+		{Name: "ro/", Mode: 0o500}, {Name: "ro/sub/", Mode: 0o500}, {Name: "ro/sub/f", Body: "x", Mode: 0o400},
+		{Name: "ro/link", Type: '2', Linkname: "/"},
+	}}})
+	dest := filepath.Join(t.TempDir(), "tree")
+	if err := os.Mkdir(dest, 0o700); err != nil {
+		t.Fatal(err)
 	}
-	if fi, err := os.Lstat(filepath.Join(dest, "run/fifo")); err != nil || fi.Mode()&fs.ModeNamedPipe == 0 {
-		t.Errorf("run/fifo = %v, %v", modeOf(fi), err)
+	if err := openAndUnpack(p, dest, Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := RemoveAll(dest); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(dest); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("tree still there: %v", err)
+	}
+	if err := RemoveAll(dest); err != nil {
+		t.Errorf("RemoveAll of a missing tree: %v", err)
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"path"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -43,7 +44,9 @@ const progressStep = 1 << 20
 // Unpack applies the layers bottom-up into dest, an existing empty directory
 // that the caller owns. progress, when not nil, is called with the archive
 // bytes consumed so far and the total layer bytes. On error dest holds a
-// partial tree that the caller removes; nothing is ever written outside it.
+// partial tree that the caller removes (with RemoveAll); nothing is ever
+// written outside it. As root the tree may hold setuid-root programs, so
+// dest should be reachable by its owner only (os.MkdirTemp gives 0700).
 func (im *Image) Unpack(ctx context.Context, dest string, progress func(doneBytes, totalBytes int64)) error {
 	f, err := os.Open(im.path)
 	if err != nil {
@@ -243,18 +246,18 @@ func (a *applier) apply(tr *tar.Reader, rr *readErr, hdr *tar.Header) error {
 	if !ok {
 		return a.errorf(errcode.UnsafeArchiveEntry, hdr.Name, "path leaves the image root")
 	}
+	// Sizes are checked for every entry, whiteouts too: the tar reader would
+	// otherwise read through whatever content an entry declares.
+	if hdr.Size > a.limits.MaxEntrySize {
+		return a.errorf(errcode.SizeLimit, hdr.Name, "declared size %d is over the limit of %d", hdr.Size, a.limits.MaxEntrySize)
+	}
+	a.total += hdr.Size
+	if a.total > a.limits.MaxTotalSize {
+		return a.errorf(errcode.SizeLimit, hdr.Name, "entries add up to more than the limit of %d bytes", a.limits.MaxTotalSize)
+	}
 	dir, base := path.Split(name)
 	if strings.HasPrefix(base, whiteoutPrefix) {
 		return a.whiteout(hdr.Name, dir, base)
-	}
-	if hdr.Typeflag == tar.TypeReg || hdr.Typeflag == tar.TypeGNUSparse {
-		if hdr.Size > a.limits.MaxEntrySize {
-			return a.errorf(errcode.SizeLimit, hdr.Name, "declared size %d is over the limit of %d", hdr.Size, a.limits.MaxEntrySize)
-		}
-		a.total += hdr.Size
-		if a.total > a.limits.MaxTotalSize {
-			return a.errorf(errcode.SizeLimit, hdr.Name, "files add up to more than the limit of %d bytes", a.limits.MaxTotalSize)
-		}
 	}
 	if name == "." {
 		if hdr.Typeflag != tar.TypeDir {
@@ -452,34 +455,23 @@ func (a *applier) symlink(hdr *tar.Header, name string) error {
 	return nil
 }
 
-// node creates a device node or FIFO. Unprivileged processes cannot create
-// device nodes, and hyphae-init mounts devtmpfs over /dev anyway, so without
-// root they are skipped; FIFOs go with them to keep one rule.
+// node creates a FIFO, and skips character and block devices: hyphae-init
+// mounts devtmpfs over /dev, so the image needs none, and a device node that
+// a hostile image placed in the staging tree (say, the host's disk with mode
+// 0666) would be a way into the host for anyone who can reach the tree.
 func (a *applier) node(hdr *tar.Header, name string) error {
-	if !a.asRoot {
-		a.log.Debug("skipping device node or fifo (needs root)", "layer", a.layer, "entry", hdr.Name)
+	if hdr.Typeflag != tar.TypeFifo {
+		a.log.Debug("skipping device node", "layer", a.layer, "entry", hdr.Name)
 		return nil
 	}
-	mode := uint32(fileMode(hdr).Perm())
-	switch hdr.Typeflag {
-	case tar.TypeChar:
-		mode |= unix.S_IFCHR
-	case tar.TypeBlock:
-		mode |= unix.S_IFBLK
-	default:
-		mode |= unix.S_IFIFO
-	}
-	dev := int(unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor)))
-	err := a.inParent(name, func(fd int, base string) error { return unix.Mknodat(fd, base, mode, dev) })
-	if errors.Is(err, unix.EPERM) {
-		a.log.Warn("skipping device node: mknod not permitted", "layer", a.layer, "entry", hdr.Name)
-		return nil
-	}
+	err := a.inParent(name, func(fd int, base string) error { return unix.Mkfifoat(fd, base, 0o600) })
 	if err != nil {
-		return a.wrapf(errcode.StagingFailed, err, hdr.Name, "cannot create node")
+		return a.wrapf(errcode.StagingFailed, err, hdr.Name, "cannot create fifo")
 	}
-	if err := a.root.Lchown(name, hdr.Uid, hdr.Gid); err != nil {
-		return a.wrapf(errcode.StagingFailed, err, hdr.Name, "cannot set owner")
+	if a.asRoot {
+		if err := a.root.Lchown(name, hdr.Uid, hdr.Gid); err != nil {
+			return a.wrapf(errcode.StagingFailed, err, hdr.Name, "cannot set owner")
+		}
 	}
 	if err := a.root.Chmod(name, fileMode(hdr)); err != nil {
 		return a.wrapf(errcode.StagingFailed, err, hdr.Name, "cannot set mode")
@@ -613,6 +605,29 @@ func (a *applier) finish() error {
 		if err := a.root.Chtimes(n, m.atime, m.mtime); err != nil {
 			return errcode.Wrap(errcode.StagingFailed, err, "directory %q: cannot set times", n)
 		}
+	}
+	return nil
+}
+
+// RemoveAll removes an unpacked tree. Unpack gives directories their image
+// modes, some without write permission, which an unprivileged os.RemoveAll
+// cannot get through; RemoveAll first makes every directory writable by its
+// owner. Symlinks are not followed.
+func RemoveAll(dir string) error {
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			err = os.Chmod(p, 0o700)
+		}
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	})
+	if err == nil || errors.Is(err, fs.ErrNotExist) {
+		err = os.RemoveAll(dir)
+	}
+	if err != nil {
+		return errcode.Wrap(errcode.StagingFailed, err, "cannot remove unpacked tree %s", dir)
 	}
 	return nil
 }
