@@ -141,17 +141,23 @@ func (m *Machine) Config() Config { return m.cfg }
 // On failure everything it made is removed again.
 func (m *Machine) Start(ctx context.Context) (err error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.began {
+	switch {
+	case m.cleaned:
+		m.mu.Unlock()
+		return errcode.New(errcode.InvalidArgument, "machine %s was cleaned up", m.spec.ID)
+	case m.began:
+		m.mu.Unlock()
 		return errcode.New(errcode.InvalidArgument, "machine %s was already started", m.spec.ID)
 	}
-	if m.cleaned {
-		return errcode.New(errcode.InvalidArgument, "machine %s was cleaned up", m.spec.ID)
-	}
 	m.began = true
+	// Not held during the waits below, so that Kill, Stop and Info work
+	// on a start that hangs.
+	m.mu.Unlock()
 	defer func() {
 		if err != nil {
-			m.teardownLocked()
+			m.mu.Lock()
+			_ = m.teardownLocked()
+			m.mu.Unlock()
 		}
 	}()
 
@@ -165,9 +171,9 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 			return err
 		}
 	}
-	// A leftover layer from an earlier VM of the same id is not ours to
-	// reuse: it may hold that VM's writes.
-	for _, f := range []string{scratchName, logName, configName} {
+	// Leftovers of an earlier VM of the same id are not ours to reuse:
+	// its writable layer holds its writes, its logs are not ours.
+	for _, f := range []string{scratchName, logName, configName, consoleName} {
 		if err := os.Remove(filepath.Join(m.dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return errcode.Wrap(errcode.SpawnFailed, err, "removing a leftover %s", f)
 		}
@@ -204,7 +210,15 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	m.mu.Lock()
 	m.proc = proc
+	cleaned := m.cleaned
+	m.mu.Unlock()
+	if cleaned {
+		// Cleanup ran while we were preparing: the deferred teardown
+		// kills what we just spawned.
+		return errcode.New(errcode.InvalidArgument, "machine %s was cleaned up during start", m.spec.ID)
+	}
 	m.log.Info("firecracker spawned", "pid", proc.PID(), "config_file", m.opts.UseConfigFile)
 
 	sctx, cancel := context.WithTimeout(ctx, m.opts.StartTimeout)
@@ -212,7 +226,7 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 	if err := proc.WaitForSocket(sctx, m.client.socket); err != nil {
 		return err
 	}
-	info, err := m.describe(sctx)
+	info, err := m.describe(sctx, proc)
 	if err != nil {
 		return err
 	}
@@ -230,13 +244,15 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 			return err
 		}
 	}
+	m.mu.Lock()
 	m.startedAt = time.Now()
+	m.mu.Unlock()
 	m.log.Info("guest started", "took", time.Since(begin))
 	return nil
 }
 
 // describe calls GET / until it succeeds, the process exits or ctx ends.
-func (m *Machine) describe(ctx context.Context) (InstanceInfo, error) {
+func (m *Machine) describe(ctx context.Context, proc *vmmproc.Process) (InstanceInfo, error) {
 	for {
 		info, err := m.client.Describe(ctx)
 		if err == nil {
@@ -247,9 +263,9 @@ func (m *Machine) describe(ctx context.Context) (InstanceInfo, error) {
 		case <-ctx.Done():
 			t.Stop()
 			return InstanceInfo{}, errcode.Wrap(errcode.Timeout, err, "Firecracker API did not answer GET / in time")
-		case <-m.proc.Done():
+		case <-proc.Done():
 			t.Stop()
-			return InstanceInfo{}, errcode.New(errcode.BootFailed, "firecracker exited during start; console log ends:\n%s", m.proc.LogTail(2048))
+			return InstanceInfo{}, errcode.New(errcode.BootFailed, "firecracker exited during start; console log ends:\n%s", proc.LogTail(2048))
 		case <-t.C:
 		}
 	}

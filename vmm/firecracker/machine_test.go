@@ -220,7 +220,7 @@ func TestStopEscalation(t *testing.T) {
 				t.Setenv("FIRECRACKER_STANDIN_IGNORE_SIGTERM", "1")
 			}
 			m := startMachine(t, testSpec(t), Options{})
-			if err := m.Stop(context.Background(), 2*time.Second); err != nil {
+			if err := m.Stop(context.Background(), 3*time.Second); err != nil {
 				t.Fatal(err)
 			}
 			if sig := exitSignal(t, m); sig != c.want {
@@ -428,4 +428,34 @@ func kvmWorks() bool {
 	}
 	syscall.Close(int(fd))
 	return true
+}
+
+// TestKillDuringStart: a start stuck waiting for the API can be killed
+// from another goroutine, and then fails at once instead of running out
+// its timeout.
+func TestKillDuringStart(t *testing.T) {
+	t.Setenv("FIRECRACKER_STANDIN_SOCKET_DELAY", "1h")
+	m, err := New(testSpec(t), Options{Binary: standinPath, ScratchSize: 64 << 20, StartTimeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Cleanup()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- m.Start(ctx) }()
+	for m.Info().PID == 0 {
+		select {
+		case err := <-done:
+			t.Fatalf("Start returned before spawning: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if err := m.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errcode.HasCode(err, errcode.BootFailed) {
+		t.Errorf("Start after Kill: %v", err)
+	}
+	assertGone(t, m)
 }
