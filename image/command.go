@@ -11,35 +11,37 @@ import (
 // shell splits words, without expanding anything: whitespace separates
 // words; 'single quotes' keep everything literally; "double quotes" keep
 // everything but a backslash before $, `, ", \ or a newline; outside quotes
-// a backslash keeps the next character; a backslash-newline is removed. "" and ” give an empty argument.
-// An unterminated quote or a trailing backslash is an E201 error, as is a
+// a backslash keeps the next character; a backslash-newline is removed.
+// Empty quotes (a pair of double or of single quotes) give an empty
+// argument. An unterminated quote or a trailing backslash is an E201 error, as is a
 // command with no words.
 func SplitCommand(s string) ([]string, error) {
 	var (
 		argv    []string
 		word    strings.Builder
 		inWord  bool // word holds an argument, possibly empty ("")
-		quote   rune // 0, '\'' or '"'
+		quote   byte // 0, '\'' or '"'
 		escaped bool
 	)
-	for _, c := range s {
+	for i := 0; i < len(s); i++ { // bytes: every special character is ASCII
+		c := s[i]
 		switch {
 		case escaped:
 			escaped = false
 			switch {
 			case c == '\n': // a line continuation, removed
-			case quote == '"' && !strings.ContainsRune("$`\"\\", c):
+			case quote == '"' && strings.IndexByte("$`\"\\", c) < 0:
 				word.WriteByte('\\')
-				word.WriteRune(c)
+				word.WriteByte(c)
 			default:
-				word.WriteRune(c)
+				word.WriteByte(c)
 				inWord = true
 			}
 		case quote == '\'':
 			if c == '\'' {
 				quote = 0
 			} else {
-				word.WriteRune(c)
+				word.WriteByte(c)
 			}
 		case c == '\\':
 			escaped = true
@@ -47,7 +49,7 @@ func SplitCommand(s string) ([]string, error) {
 			if c == '"' {
 				quote = 0
 			} else {
-				word.WriteRune(c)
+				word.WriteByte(c)
 			}
 		case c == '\'' || c == '"':
 			quote, inWord = c, true
@@ -58,7 +60,7 @@ func SplitCommand(s string) ([]string, error) {
 				inWord = false
 			}
 		default:
-			word.WriteRune(c)
+			word.WriteByte(c)
 			inWord = true
 		}
 	}
