@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/hyphae-run/hyphae/archive/archivetest"
 	"github.com/hyphae-run/hyphae/errcode"
+	"github.com/hyphae-run/hyphae/internal/testenv"
 )
 
 var (
@@ -591,5 +593,52 @@ func TestMultipleImages(t *testing.T) {
 	_, err := Open(context.Background(), q, Options{})
 	if !errcode.HasCode(err, errcode.MalformedArchive) || errcode.HintOf(err) == "" {
 		t.Errorf("got %v, want E405 with a hint", err)
+	}
+}
+
+// TestLayerCompression: compression is detected by magic bytes, whatever the
+// member is called; formats without a decoder are refused by name.
+func TestLayerCompression(t *testing.T) {
+	tests := []struct {
+		tool string
+		code errcode.Code // "" → unpacks
+	}{
+		{"bzip2", ""},
+		{"xz", errcode.MalformedArchive},
+		{"zstd", errcode.MalformedArchive},
+	}
+	for _, tt := range tests {
+		t.Run(tt.tool, func(t *testing.T) {
+			bin := testenv.RequiresTool(t, tt.tool)
+			p := writeArchive(t, archivetest.Spec{Layers: [][]archivetest.Entry{{{Name: "etc/os-release", Body: "ID=test\n"}}}})
+			members := readMembers(t, p)
+			for name, b := range members {
+				if strings.HasSuffix(name, "/layer.tar") {
+					cmd := exec.Command(bin, "-c")
+					cmd.Stdin = bytes.NewReader(b)
+					out, err := cmd.Output()
+					if err != nil {
+						t.Fatalf("%s: %v", tt.tool, err)
+					}
+					members[name] = out
+				}
+			}
+			q := filepath.Join(t.TempDir(), "compressed.tar")
+			writeMembers(t, q, members)
+			dest := t.TempDir()
+			err := openAndUnpack(q, dest, Limits{})
+			if tt.code != "" {
+				if !errcode.HasCode(err, tt.code) || !strings.Contains(err.Error(), tt.tool) {
+					t.Errorf("got %v, want %s naming %s", err, tt.code, tt.tool)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if b, err := os.ReadFile(filepath.Join(dest, "etc/os-release")); err != nil || string(b) != "ID=test\n" {
+				t.Errorf("etc/os-release = %q, %v", b, err)
+			}
+		})
 	}
 }
