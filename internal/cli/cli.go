@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -67,6 +68,11 @@ func Run(ctx context.Context, args []string, env Env) int {
 	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return ExitOK
+	}
+	if !a.started && !a.json {
+		// cobra stops before parsing flags when it cannot even find the
+		// command; honour --json for that error too.
+		a.json = slices.Contains(args, "--json") || slices.Contains(args, "--json=true")
 	}
 	return a.renderError(cmd, err)
 }
