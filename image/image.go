@@ -267,6 +267,7 @@ func (b *Builder) Import(ctx context.Context, o ImportOptions) (Result, error) {
 // store runs steps 2–5 of the package doc on a staged tree.
 func (b *Builder) store(ctx context.Context, s staged, t target) (Result, error) {
 	log := b.logger()
+	start := time.Now()
 	if err := rootfs.WriteHyphaeFiles(s.dir, s.files); err != nil {
 		return Result{}, err
 	}
@@ -298,7 +299,7 @@ func (b *Builder) store(ctx context.Context, s staged, t target) (Result, error)
 		return Result{}, err
 	}
 	log.Info("staged", "ref", t.name+":"+t.tag, "digest", digest, "entries", usage.Entries,
-		"bytes", usage.Bytes, "size_mib", plan.SizeBytes>>20, "cached", size >= 0)
+		"bytes", usage.Bytes, "size_mib", plan.SizeBytes>>20, "cached", size >= 0, "digest_time", time.Since(start))
 	if t.dryRun {
 		res.Cached = size >= 0
 		res.SizeBytes = plan.SizeBytes
@@ -320,9 +321,11 @@ func (b *Builder) store(ctx context.Context, s staged, t target) (Result, error)
 	if err != nil {
 		return Result{}, err
 	}
+	start = time.Now()
 	if err := rootfs.MakeExt4(ctx, s.dir, tmp, mkfs); err != nil {
 		return Result{}, err
 	}
+	log.Info("mkfs.ext4 done", "digest", digest, "elapsed", time.Since(start))
 	defer os.Remove(tmp) // gone already once the store moved it into place
 	img.SizeBytes, img.Path = plan.SizeBytes, tmp
 	if registered && size >= 0 {

@@ -377,3 +377,44 @@ func TestBuildReproducible(t *testing.T) {
 	}
 	t.Logf("two builds of %s: %d of %d bytes differ (inode change times)", r1.Digest, diff, len(b1))
 }
+
+// TestConcurrentBuildsOfOneInput runs two builders (as two hyphae
+// processes would) on the same input at once: both succeed with the same
+// digest, one file stays, and both tags point at it.
+func TestConcurrentBuildsOfOneInput(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	prog := e.program(t, "svc", "x")
+	reg2, err := registry.Open(ctx, e.reg.Home(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg2.Close()
+	builders := []*Builder{e.b, {Store: reg2}}
+	results := make([]Result, len(builders))
+	errs := make([]error, len(builders))
+	done := make(chan int)
+	for i, b := range builders {
+		go func() {
+			results[i], errs[i] = b.Build(ctx, BuildOptions{Binary: prog, Tag: "t" + strconv.Itoa(i)})
+			done <- i
+		}()
+	}
+	for range builders {
+		<-done
+	}
+	for i := range builders {
+		if errs[i] != nil {
+			t.Fatalf("builder %d: %v", i, errs[i])
+		}
+	}
+	if results[0].Digest != results[1].Digest {
+		t.Fatalf("digests differ: %s, %s", results[0].Digest, results[1].Digest)
+	}
+	for i := range builders {
+		if got, err := e.reg.LookupImage(ctx, "svc:t"+strconv.Itoa(i)); err != nil || got.Digest != results[0].Digest {
+			t.Errorf("svc:t%d → %v, %v", i, got.Digest, err)
+		}
+	}
+	e.assertClean(t)
+}
