@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -159,9 +160,10 @@ func TestImport(t *testing.T) {
 	}
 }
 
-// TestBinaryCheck builds the real hyphae binary and runs `hyphae check
-// --json`, with and without the guest binaries it needs.
-func TestBinaryCheck(t *testing.T) {
+// TestBinary builds the real hyphae binary and runs it: `hyphae check
+// --json` with and without the guest binaries it needs, and two processes
+// building into one home at once.
+func TestBinary(t *testing.T) {
 	testenv.RequiresTool(t, "mkfs.ext4")
 	testenv.RequiresTool(t, "debugfs")
 	lib := testenv.GuestBinaries(t, "hyphae-init")
@@ -171,6 +173,11 @@ func TestBinaryCheck(t *testing.T) {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
+	t.Run("check", func(t *testing.T) { testBinaryCheck(t, bin, lib) })
+	t.Run("concurrent builds", func(t *testing.T) { testConcurrentBuilds(t, bin, lib) })
+}
+
+func testBinaryCheck(t *testing.T, bin, lib string) {
 	home := filepath.Join(t.TempDir(), "home")
 	check := func(libexec string) (checkReport, int) {
 		cmd := exec.Command(bin, "check", "--json")
@@ -225,5 +232,70 @@ func TestBinaryCheck(t *testing.T) {
 	}
 	if c := status(rep, "hyphae-init"); c.Status != "missing" || c.Hint == "" {
 		t.Fatalf("hyphae-init = %+v, want missing with a hint", c)
+	}
+}
+
+// testConcurrentBuilds runs two hyphae processes that each build and tag
+// several images into one home at the same time, moving one shared tag too.
+func testConcurrentBuilds(t *testing.T, bin, lib string) {
+	home := t.TempDir()
+	prog := filepath.Join(t.TempDir(), "prog")
+	b, err := os.ReadFile(filepath.Join(lib, "hyphae-init"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(prog, b, 0o755)
+	const perProcess = 4
+	// Each process runs its builds one after another in a shell loop, so
+	// the two processes overlap for the whole run.
+	var script strings.Builder
+	for i := range perProcess {
+		fmt.Fprintf(&script, "%q build --binary %q --name p$1 --tag t%d --env N=$1-%d -q || exit 1\n", bin, prog, i, i)
+		fmt.Fprintf(&script, "%q build --binary %q --name shared --env N=$1-%d -q || exit 1\n", bin, prog, i)
+	}
+	var cmds []*exec.Cmd
+	var outs []*bytes.Buffer
+	for p := range 2 {
+		cmd := exec.Command("sh", "-c", script.String(), "sh", fmt.Sprint(p))
+		cmd.Env = append(os.Environ(), "HYPHAE_HOME="+home, "HYPHAE_LIBEXEC="+lib)
+		out := &bytes.Buffer{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds, outs = append(cmds, cmd), append(outs, out)
+	}
+	for p, cmd := range cmds {
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("process %d: %v\n%s", p, err, outs[p])
+		}
+	}
+	var imgs []registry.Image
+	hyphae(t, home, nil, "list", "images", "--json").decode(t, &imgs)
+	tags := map[string]string{}
+	digests := map[string]bool{}
+	for _, img := range imgs {
+		digests[img.Digest] = true
+		if img.Name != "" {
+			tags[img.Ref()] = img.Digest
+		}
+	}
+	// 2×perProcess distinct images (the shared builds reuse them, cached),
+	// 2×perProcess own tags plus shared:latest.
+	if len(digests) != 2*perProcess || len(tags) != 2*perProcess+1 || tags["shared:latest"] == "" {
+		t.Fatalf("after concurrent builds: %d digests, tags %v", len(digests), tags)
+	}
+	for d := range digests {
+		if _, err := os.Stat(filepath.Join(home, "images", strings.Replace(d, ":", "-", 1)+".ext4")); err != nil {
+			t.Fatalf("image file of %s: %v", d, err)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(home, "images")); len(entries) != 2*perProcess {
+		t.Fatalf("images/ holds %d files, want %d (temp files left?)", len(entries), 2*perProcess)
+	}
+	// Opening the registry (done by list above) would have moved a damaged
+	// database aside.
+	if aside, _ := filepath.Glob(filepath.Join(home, registry.DBFile+".corrupt-*")); len(aside) != 0 {
+		t.Fatalf("registry was damaged by concurrent builds: %v", aside)
 	}
 }
