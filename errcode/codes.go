@@ -51,6 +51,16 @@ const (
 	Corrupt       Code = "E505" // the database or a stored file is damaged
 )
 
+// Dimension store (E5xx, after the registry's). A missing user, key,
+// bundle, invocation or job is NotFound; a run already in a final state is
+// Conflict.
+const (
+	StoreError      Code = "E506" // the dimension store's database failed
+	AlreadyExists   Code = "E507" // a user name or bundle name:tag is taken
+	LastAdmin       Code = "E508" // the change would leave no enabled admin
+	Unauthenticated Code = "E509" // an API key is malformed, unknown, revoked or its user disabled
+)
+
 // Orchestration (E6xx).
 const (
 	VMNotFound    Code = "E601" // no VM by that id
