@@ -89,8 +89,8 @@ size, source, entrypoint, default resources and every tag that names it.`,
 						"size", fmt.Sprintf("%s (%d bytes)", sizeText(d.SizeBytes), d.SizeBytes),
 						"source", d.Source,
 						"entrypoint", argvText(d.Entrypoint),
-						"vcpus", fmt.Sprint(d.VCPUs),
-						"memory", fmt.Sprintf("%d MiB", d.MemoryMiB),
+						"vcpus", orDefault(d.VCPUs, ""),
+						"memory", orDefault(d.MemoryMiB, " MiB"),
 						"created", d.CreatedAt.Format("2006-01-02 15:04:05 MST")+" ("+ago(d.CreatedAt)+")",
 					)
 				}, func(w io.Writer) { fmt.Fprintln(w, d.Digest) })
@@ -183,4 +183,13 @@ temp files older than an hour. Files of registered images are never touched.`,
 			})
 		},
 	}
+}
+
+// orDefault renders a default resource of an image; 0 means the runtime
+// chooses.
+func orDefault(n int, unit string) string {
+	if n == 0 {
+		return "runtime default"
+	}
+	return fmt.Sprint(n) + unit
 }
