@@ -2,6 +2,7 @@ package firecracker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/http"
@@ -131,4 +132,25 @@ func TestClientAgainstStandin(t *testing.T) {
 			t.Errorf("%s: %v, want a 400 fault containing %q", c.name, err, c.fault)
 		}
 	}
+}
+
+func FuzzFaultMessage(f *testing.F) {
+	for _, s := range []string{`{"fault_message":"x"}`, `{"fault_message":""}`, `{}`, "plain", strings.Repeat("é", 600)} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		msg := faultMessage(body)
+		var e struct {
+			FaultMessage string `json:"fault_message"`
+		}
+		if json.Unmarshal(body, &e) == nil && e.FaultMessage != "" {
+			if msg != e.FaultMessage {
+				t.Fatalf("fault_message %q reported as %q", e.FaultMessage, msg)
+			}
+			return
+		}
+		if len(msg) > 512+len("…") {
+			t.Fatalf("raw fallback of %d bytes is unbounded", len(msg))
+		}
+	})
 }

@@ -143,6 +143,14 @@ func TestLifecycle(t *testing.T) {
 			// dialer has to retry.
 			t.Setenv("FIRECRACKER_STANDIN_LISTEN_DELAY", "300ms")
 			spec := testSpec(t)
+			// An interface and an extra drive, so that every kind of
+			// body passes the stand-in's validation.
+			data := filepath.Join(t.TempDir(), "data.ext4")
+			if err := os.WriteFile(data, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			spec.Drives = append(spec.Drives, vmm.Drive{ID: "data", Path: data, ReadOnly: true})
+			spec.Network = []vmm.NetworkInterface{{ID: "eth0", TapName: "hyt0", MAC: "06:00:c0:a8:00:02"}}
 			m := startMachine(t, spec, Options{UseConfigFile: c.configFile})
 
 			info := m.Info()
@@ -186,7 +194,7 @@ func TestLifecycle(t *testing.T) {
 				t.Errorf("stopped by %v, want a graceful exit", sig)
 			}
 			con := consoleText(t, m)
-			for _, want := range []string{"booting " + spec.Kernel, "hyphae.overlay=/dev/vdb", "Ctrl+Alt+Del: rebooting"} {
+			for _, want := range []string{"booting " + spec.Kernel, "hyphae.overlay=/dev/vdb", "drive data: " + data, "Ctrl+Alt+Del: rebooting"} {
 				if !strings.Contains(con, want) {
 					t.Errorf("console lacks %q:\n%s", want, con)
 				}
