@@ -194,7 +194,9 @@ func showProgress(w io.Writer, img *os.File, start time.Time) func() {
 		for i := 0; ; i++ {
 			select {
 			case <-done:
-				fmt.Fprint(tty, "\r\033[K")
+				if i > 0 {
+					fmt.Fprint(tty, "\r\033[K")
+				}
 				return
 			case <-tick.C:
 				var written int64
