@@ -52,6 +52,7 @@ type FaultError struct {
 	Fault        string
 }
 
+// Error renders the call, the HTTP status and Firecracker's message.
 func (e *FaultError) Error() string {
 	if e.Fault == "" {
 		return fmt.Sprintf("%s %s: HTTP %d", e.Method, e.Path, e.Status)

@@ -7,7 +7,12 @@
 // read-only as the root drive and a sparse, freshly formatted ext4 scratch
 // file is attached as the second drive (/dev/vdb); hyphae-init sees
 // hyphae.overlay=/dev/vdb on the command line and mounts an overlay over the
-// root before anything else runs.
+// root before anything else runs. Creating the layer costs one mkfs.ext4 run
+// (tens of ms) and about 650 KiB of disk per VM.
+//
+// Tests run the lifecycle against a Firecracker stand-in (internal/standin)
+// that serves the API socket per Firecracker's own API description; a test
+// against a real Firecracker runs where one and a working KVM exist.
 package firecracker
 
 import (
