@@ -94,6 +94,11 @@ func WriteHyphaeFiles(root string, f Files) error {
 
 	sbin := w.systemDir("sbin")
 	etc := w.systemDir("etc")
+	// hyphae-init mounts over these; they must exist in the image because
+	// the root may be read-only at boot (Firecracker attaches it so).
+	for _, mnt := range [...]string{"dev", "proc", "sys", "run", "tmp"} {
+		w.systemDir(mnt)
+	}
 	cfg := w.ownDir(path.Join(etc, "hyphae"))
 	w.copyFile(path.Join(sbin, "init"), f.Init)
 	if f.Agent != "" {

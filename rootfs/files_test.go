@@ -163,6 +163,11 @@ func TestWriteHyphaeFilesHostileSymlinks(t *testing.T) {
 			if fi, err := os.Stat(guestPath(t, root, "sbin/init")); err != nil || fi.Mode().Perm() != 0o755 || !fi.ModTime().Equal(Epoch()) {
 				t.Errorf("/sbin/init mode/mtime wrong: %v", fi)
 			}
+			for _, mnt := range []string{"dev", "proc", "sys", "run", "tmp"} {
+				if fi, err := os.Stat(guestPath(t, root, mnt)); err != nil || !fi.IsDir() {
+					t.Errorf("mount point /%s missing: %v", mnt, err)
+				}
+			}
 			if tc.check != nil {
 				tc.check(t, root)
 			}
