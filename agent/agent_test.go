@@ -268,10 +268,12 @@ func TestShutdownRequest(t *testing.T) {
 	tests := []struct {
 		name   string
 		script string
+		grace  uint32
 		code   int
 	}{
-		{"bundle handles SIGTERM", `trap 'exit 42' TERM; echo ready >&2; while :; do sleep 0.05; done`, 42},
-		{"bundle ignores SIGTERM", `trap '' TERM; echo ready >&2; while :; do sleep 0.05; done`, 137},
+		// The grace is long enough for a loaded machine to run the trap.
+		{"bundle handles SIGTERM", `trap 'exit 42' TERM; echo ready >&2; while :; do sleep 0.05; done`, 30000, 42},
+		{"bundle ignores SIGTERM", `trap '' TERM; echo ready >&2; while :; do sleep 0.05; done`, 100, 137},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -280,7 +282,7 @@ func TestShutdownRequest(t *testing.T) {
 			acked := false
 			o := h.collect(func(env *pb.Envelope) {
 				if env.GetOutbound().GetKind() == KindStderr && string(env.GetOutbound().GetBody()) == "ready" {
-					go h.send(&pb.Envelope{Payload: &pb.Envelope_ShutdownRequest{ShutdownRequest: &pb.ShutdownRequest{Reason: "test", GraceMs: 200}}})
+					go h.send(&pb.Envelope{Payload: &pb.Envelope_ShutdownRequest{ShutdownRequest: &pb.ShutdownRequest{Reason: "test", GraceMs: tt.grace}}})
 				}
 				if env.GetShutdownAck() != nil {
 					acked = true
@@ -356,7 +358,7 @@ func TestEscapedDescendantDoesNotHoldTheRun(t *testing.T) {
 		}
 	})
 	script := `setsid sh -c 'echo $$ > ` + pidFile + `; exec sleep 1000' & while [ ! -s ` + pidFile + ` ]; do sleep 0.01; done; echo out; exit 5`
-	o := run(t, Config{Program: shProgram(script), DrainTimeout: 200 * time.Millisecond}, `{}`)
+	o := run(t, Config{Program: shProgram(script), DrainTimeout: time.Second}, `{}`)
 	if o.code != 5 || !bytes.Equal(o.stdout(t).GetBody(), []byte("out\n")) {
 		t.Fatalf("code %d stdout %q", o.code, o.stdout(t).GetBody())
 	}

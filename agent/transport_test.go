@@ -1,0 +1,125 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/hyphae-run/hyphae/errcode"
+	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/protocol"
+	"github.com/hyphae-run/hyphae/protocol/pb"
+)
+
+// openPTY returns the master side and the path of a fresh pseudo-terminal,
+// which stands in for the guest's serial port.
+func openPTY(t *testing.T) (*os.File, string) {
+	t.Helper()
+	m, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		testenv.Unavailable(t, "no /dev/ptmx: "+err.Error())
+	}
+	t.Cleanup(func() { m.Close() })
+	rc, _ := m.SyscallConn()
+	var n int
+	var perr error
+	rc.Control(func(fd uintptr) {
+		if perr = unix.IoctlSetPointerInt(int(fd), unix.TIOCSPTLCK, 0); perr == nil {
+			n, perr = unix.IoctlGetInt(int(fd), unix.TIOCGPTN)
+		}
+	})
+	if perr != nil {
+		t.Fatal(perr)
+	}
+	return m, "/dev/pts/" + strconv.Itoa(n)
+}
+
+// Over a serial line in raw mode every byte value survives both ways: no
+// CR/NL mapping, no signals from ^C, no flow control, no echo.
+func TestSerialChannelIsRaw(t *testing.T) {
+	master, dev := openPTY(t)
+	ch, err := Open(context.Background(), "serial:"+dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	sf := ch.(*streamFile)
+	rc, _ := sf.SyscallConn()
+	rc.Control(func(fd uintptr) {
+		tio, err := unix.IoctlGetTermios(int(fd), unix.TCGETS)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tio.Lflag&(unix.ECHO|unix.ICANON|unix.ISIG) != 0 || tio.Oflag&unix.OPOST != 0 || tio.Iflag&(unix.ICRNL|unix.IXON) != 0 || tio.Cflag&unix.CSIZE != unix.CS8 {
+			t.Fatalf("termios not raw: %+v", tio)
+		}
+	})
+
+	payload := make([]byte, 0, 512)
+	for range 2 {
+		for b := range 256 {
+			payload = append(payload, byte(b))
+		}
+	}
+	res := make(chan runResult, 1)
+	go func() {
+		code, err := Run(context.Background(), ch, Config{Program: selfProgram(t, "echo"), EventsSocket: socketPath(t), Logger: testLogger(t)})
+		res <- runResult{code, err}
+	}()
+	w, r := protocol.NewWriter(master), protocol.NewReader(master)
+	if err := w.WriteEnvelope(&pb.Envelope{RequestId: "s", Payload: &pb.Envelope_Request{Request: &pb.Request{Payload: payload}}}); err != nil {
+		t.Fatal(err)
+	}
+	var stdout []byte
+	for {
+		env, err := r.ReadEnvelope()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o := env.GetOutbound(); o.GetKind() == KindStdoutFinal {
+			stdout = o.GetBody()
+		}
+		if env.GetDone() != nil {
+			break
+		}
+	}
+	if string(stdout) != string(payload) {
+		t.Fatalf("payload came back as %d bytes, want all 512 byte values unchanged", len(stdout))
+	}
+	if rr := <-res; rr.code != 0 || rr.err != nil {
+		t.Fatalf("Run = %d, %v", rr.code, rr.err)
+	}
+}
+
+func TestOpenRejectsBadSpecs(t *testing.T) {
+	for _, spec := range []string{"", "tcp:1", "vsock:", "vsock:x", "serial:ttyS1", "serial:/nonexistent/tty"} {
+		t.Run(spec, func(t *testing.T) {
+			ch, err := Open(context.Background(), spec)
+			if err == nil {
+				ch.Close()
+				t.Fatal("accepted")
+			}
+			if errcode.CodeOf(err) == "" {
+				t.Fatalf("uncoded error %v", err)
+			}
+		})
+	}
+}
+
+// The vsock listener is interruptible: cancelling the context ends the
+// wait for the host (no vsock transport is needed for that).
+func TestVsockAcceptHonoursContext(t *testing.T) {
+	if fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM, 0); err != nil {
+		testenv.Optional(t, "AF_VSOCK unavailable on this host: "+err.Error())
+	} else {
+		unix.Close(fd)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := Open(ctx, "vsock:40123"); !errcode.HasCode(err, errcode.ChannelFailed) {
+		t.Fatalf("err = %v, want ChannelFailed", err)
+	}
+}
