@@ -85,6 +85,7 @@ const (
 	TapExists     Code = "E802" // the TAP name is taken
 	NetlinkFailed Code = "E803" // a netlink operation failed
 	NftFailed     Code = "E804" // an nftables operation failed
+	SysctlFailed  Code = "E805" // a kernel setting (sysctl) could not be read or changed
 	JailFailed    Code = "E810" // the jailer could not be prepared or run
 )
 
@@ -93,4 +94,10 @@ const (
 	FrameTooLarge     Code = "E901" // a frame declares a length over its cap
 	MalformedFrame    Code = "E902" // a frame is truncated or cannot be decoded
 	ProtocolViolation Code = "E903" // a peer sent a message out of order
+)
+
+// Dimension event log (E92x).
+const (
+	EventLogFailed Code = "E920" // the event log (NATS JetStream) is unreachable or failed
+	RunFinished    Code = "E921" // an event was appended after the run's completed event
 )
