@@ -149,6 +149,7 @@ func prepare(cfg Config) (string, error) {
 	if cfg.Root != "/" {
 		return "", errcode.New(errcode.InitFatal, "MountFilesystems needs Root \"/\", not %q", cfg.Root)
 	}
+	disableCtrlAltDel(cfg.Logger)
 	if err := mountPseudo(procFS(), cfg.Logger); err != nil {
 		return "", err
 	}
@@ -170,6 +171,17 @@ func prepare(cfg Config) (string, error) {
 		return "", err
 	}
 	return cmdline, nil
+}
+
+// disableCtrlAltDel makes the kernel turn Ctrl-Alt-Del into SIGINT for
+// PID 1 instead of restarting at once. Ctrl-Alt-Del is how Firecracker
+// (SendCtrlAltDel) and the qemu driver (QMP send-key) ask for a graceful
+// stop, so the program must get to hear of it. Inside a PID namespace the
+// kernel refuses (EINVAL); there is no keyboard there anyway.
+func disableCtrlAltDel(log *slog.Logger) {
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
+		log.Debug("cannot turn Ctrl-Alt-Del off", "err", err)
+	}
 }
 
 func readCmdline(path string) (string, error) {

@@ -223,8 +223,10 @@ func TestPID1InNamespace(t *testing.T) {
 		name    string
 		img     testImage
 		cmdline string
-		// signalOn sends SIGTERM to init when this line appears.
+		// signalOn sends sig (default SIGTERM) to init when this line
+		// appears.
 		signalOn string
+		sig      syscall.Signal
 		want     []string
 		status   guest.Status
 		// fatal is a substring of the fatal message, for fatal boots.
@@ -267,6 +269,15 @@ func TestPID1InNamespace(t *testing.T) {
 			status:   guest.Status{ExitCode: 0},
 		},
 		{
+			// Ctrl-Alt-Del reaches PID 1 as SIGINT; the program hears SIGTERM.
+			name:     "SIGINT forwarded as SIGTERM",
+			img:      testImage{entrypoint: []string{"/bin/probe", "trap"}},
+			signalOn: "probe: ready=1",
+			sig:      syscall.SIGINT,
+			want:     []string{"probe: signal=terminated"},
+			status:   guest.Status{ExitCode: 0},
+		},
+		{
 			name:    "agent runs instead of the entrypoint",
 			img:     testImage{entrypoint: report, env: "A=file\n", workdir: "/app", agent: true},
 			cmdline: "hyphae.env.A=cmdline",
@@ -297,8 +308,12 @@ func TestPID1InNamespace(t *testing.T) {
 			res := boot(t, root, tt.cmdline, func(line string, initPid int) {
 				if tt.signalOn != "" && line == tt.signalOn && !signalled {
 					signalled = true
-					if err := syscall.Kill(initPid, syscall.SIGTERM); err != nil {
-						t.Errorf("SIGTERM to init %d: %v", initPid, err)
+					sig := tt.sig
+					if sig == 0 {
+						sig = syscall.SIGTERM
+					}
+					if err := syscall.Kill(initPid, sig); err != nil {
+						t.Errorf("%v to init %d: %v", sig, initPid, err)
 					}
 				}
 			})

@@ -48,8 +48,15 @@ func supervise(ctx context.Context, cfg Config, plan Plan) Result {
 			done = nil
 		case sig := <-sigc:
 			if sig != unix.SIGCHLD {
-				cfg.Logger.Debug("forwarding signal", "signal", sig, "pid", pid)
-				_ = unix.Kill(pid, sig.(syscall.Signal))
+				fwd := sig.(syscall.Signal)
+				if fwd == unix.SIGINT {
+					// SIGINT reaches PID 1 only from Ctrl-Alt-Del (see
+					// disableCtrlAltDel): the VMM's graceful stop. Programs
+					// expect that as SIGTERM, as from docker stop.
+					fwd = unix.SIGTERM
+				}
+				cfg.Logger.Debug("forwarding signal", "signal", sig, "as", fwd, "pid", pid)
+				_ = unix.Kill(pid, fwd)
 				continue
 			}
 			if ws, exited := reap(pid, cfg.Logger); exited {
