@@ -86,6 +86,7 @@ const (
 	NetlinkFailed Code = "E803" // a netlink operation failed
 	NftFailed     Code = "E804" // an nftables operation failed
 	SysctlFailed  Code = "E805" // a kernel setting (sysctl) could not be read or changed
+	SysctlFailed  Code = "E805" // a kernel setting (sysctl) could not be read or changed
 	JailFailed    Code = "E810" // the jailer could not be prepared or run
 )
 
