@@ -152,26 +152,27 @@ type data struct {
 // "user_id"}. The body is the parsed (compacted) JSON value when the
 // content type is JSON and the bytes are valid JSON; otherwise it is a
 // string. SSE is a text protocol, so bytes that are not valid UTF-8 are
-// rendered as U+FFFD (as a browser's decoder would); the log keeps the
-// original bytes. Attrs is {} when empty, never null.
+// rendered as U+FFFD (as a browser's decoder would), in the body and in
+// every other string; the log keeps the original bytes. Attrs is {} when
+// empty, never null.
 func (e Event) DataJSON() ([]byte, error) {
 	d := data{
 		RunID:       e.RunID,
 		TsMs:        e.TsMs,
-		ContentType: e.ContentType,
-		Attrs:       e.Attrs,
-		WorkerID:    e.WorkerID,
-		BundleID:    e.BundleID,
-		UserID:      e.UserID,
+		ContentType: validUTF8(e.ContentType),
+		Attrs:       make(map[string]string, len(e.Attrs)),
+		WorkerID:    validUTF8(e.WorkerID),
+		BundleID:    validUTF8(e.BundleID),
+		UserID:      validUTF8(e.UserID),
 	}
-	if d.Attrs == nil {
-		d.Attrs = map[string]string{}
+	for k, v := range e.Attrs {
+		d.Attrs[validUTF8(k)] = validUTF8(v)
 	}
 	var compact bytes.Buffer
 	if IsJSON(e.ContentType) && json.Compact(&compact, e.Body) == nil {
 		d.Body = compact.Bytes()
 	} else {
-		s, err := marshalNoEscape(strings.ToValidUTF8(string(e.Body), "\uFFFD"))
+		s, err := marshalNoEscape(validUTF8(string(e.Body)))
 		if err != nil {
 			return nil, err
 		}
@@ -179,6 +180,12 @@ func (e Event) DataJSON() ([]byte, error) {
 	}
 	return marshalNoEscape(d)
 }
+
+// validUTF8 replaces each run of invalid bytes with one U+FFFD, so that
+// the data renders the same whether it is made from stored bytes or from
+// what a client parsed (encoding/json would otherwise emit \ufffd
+// escapes for the former and literal U+FFFD for the latter).
+func validUTF8(s string) string { return strings.ToValidUTF8(s, "\uFFFD") }
 
 // marshalNoEscape is json.Marshal without HTML escaping (<, >, & stay
 // readable) and without the encoder's trailing newline. encoding/json
