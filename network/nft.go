@@ -237,7 +237,7 @@ func installVM(c nftConn, p vmPlan) (bool, error) {
 	jump(forwardChain, in, ifname(expr.MetaKeyOIFNAME, tap, expr.CmpOpEq))
 	jump(inputChain, host, ifname(expr.MetaKeyIIFNAME, tap, expr.CmpOpEq))
 	if nat != nil {
-		jump(postroutingNAT, nat, isIPv4(), addrMatch(srcOffset, netip.PrefixFrom(guest, 32), expr.CmpOpEq))
+		jump(postroutingNAT, nat, addrMatch(srcOffset, netip.PrefixFrom(guest, 32), expr.CmpOpEq))
 	}
 	if err := c.Flush(); err != nil {
 		return false, permissionCode(errcode.NftFailed, err, "installing the nftables rules of VM "+p.vmID)
@@ -321,14 +321,15 @@ func notIPv4() []expr.Any {
 	}
 }
 
-// addrMatch compares the IPv4 address at offset with p. Callers put it
-// after an IPv4 check (the guest chains drop everything else first).
+// addrMatch compares the IPv4 address at offset with p. It starts with an
+// IPv4 check, which an inet table needs before reading IPv4 header fields
+// and which lets `nft list` print "ip daddr 10.0.0.0/8".
 func addrMatch(offset uint32, p netip.Prefix, op expr.CmpOp) []expr.Any {
 	if p.Bits() == 0 {
-		return nil // every address
+		return isIPv4() // every address
 	}
 	a := p.Addr().As4()
-	e := []expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4}}
+	e := append(isIPv4(), &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4})
 	if p.Bits() < 32 {
 		mask := binary.BigEndian.AppendUint32(nil, ^uint32(0)<<(32-p.Bits()))
 		e = append(e, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: make([]byte, 4)})
