@@ -118,7 +118,13 @@ func ParseManifest(data []byte) (Manifest, error) {
 	if dec.More() {
 		return Manifest{}, errcode.New(errcode.InvalidManifest, "bad bundle manifest: trailing data after the JSON object")
 	}
-	return m, m.Validate()
+	if len(m.Entrypoint) == 0 {
+		m.Entrypoint = nil // "[]" and absent both mean "the image's own"
+	}
+	if err := m.Validate(); err != nil {
+		return Manifest{}, err
+	}
+	return m, nil
 }
 
 // Mode is how a run was asked for.

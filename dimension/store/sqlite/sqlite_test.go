@@ -125,3 +125,32 @@ func TestOnlyHashesStored(t *testing.T) {
 		}
 	}
 }
+
+// FuzzAuthenticate: a bearer token from the network authenticates only when
+// it is exactly a stored key, and is otherwise refused with a code.
+func FuzzAuthenticate(f *testing.F) {
+	s, err := sqlite.Open(context.Background(), filepath.Join(f.TempDir(), sqlite.DefaultFile), nil)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { _ = s.Close() })
+	key, _, err := s.EnsureBootstrapAdmin(context.Background())
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, seed := range []string{key, key[:20], key + "0", "", "dim_sk_", store.NewAPIKey(), store.HashKey(key), "dim_sk_' OR 1=1 --"} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, token string) {
+		p, err := s.Authenticate(context.Background(), token)
+		if token == key {
+			if err != nil || p.User.Name != store.BootstrapAdminName {
+				t.Fatalf("the real key: %+v, %v", p, err)
+			}
+			return
+		}
+		if !errcode.HasCode(err, errcode.Unauthenticated) {
+			t.Fatalf("Authenticate(%q) = %+v, %v; want %s", token, p, err, errcode.Unauthenticated)
+		}
+	})
+}
