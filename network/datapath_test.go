@@ -170,7 +170,9 @@ func TestDataPath(t *testing.T) {
 		{"guest to host address", "g1", att.HostIP.String() + ":9090", hostSvc, "vm-g1-host", `"drop"`},
 		{"guest to host uplink address", "g1", "198.51.100.1:9090", hostSvc, "vm-g1-host", `"drop"`},
 		{"guest to RFC 1918", "g1", "10.99.0.1:8080", public, "vm-g1-out", `"10.0.0.0","len":8`},
-		{"guest to another guest", "g1", att2.GuestIP.String() + ":7070", inGuest2, "vm-g1-out", `"172.16.0.0","len":12`},
+		// Both guests' chains would drop this; the receiver's in chain is
+		// evaluated first.
+		{"guest to another guest", "g1", att2.GuestIP.String() + ":7070", inGuest2, "vm-g2-in", `"drop"`},
 		{"unallowed guest to RFC 1918", "g2", "10.99.0.1:8443", private, "vm-g2-out", `"10.0.0.0","len":8`},
 	}
 	for _, b := range blocked {

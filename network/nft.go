@@ -54,6 +54,7 @@ type nftConn interface {
 	FlushChain(*nftables.Chain)
 	DelChain(*nftables.Chain)
 	AddRule(*nftables.Rule) *nftables.Rule
+	InsertRule(*nftables.Rule) *nftables.Rule
 	DelRule(*nftables.Rule) error
 	ListChainsOfTableFamily(nftables.TableFamily) ([]*nftables.Chain, error)
 	GetRules(*nftables.Table, *nftables.Chain) ([]*nftables.Rule, error)
@@ -229,15 +230,18 @@ func installVM(c nftConn, p vmPlan) (bool, error) {
 		c.DelChain(ch)
 	}
 	tap := p.lease.TapName
-	jump := func(from, to *nftables.Chain, match ...[]expr.Any) {
-		c.AddRule(&nftables.Rule{Table: table, Chain: from, UserData: vmTag(p.vmID),
+	jump := func(add func(*nftables.Rule) *nftables.Rule, from, to *nftables.Chain, match ...[]expr.Any) {
+		add(&nftables.Rule{Table: table, Chain: from, UserData: vmTag(p.vmID),
 			Exprs: append(slices.Concat(match...), &expr.Verdict{Kind: expr.VerdictJump, Chain: to.Name})})
 	}
-	jump(forwardChain, out, ifname(expr.MetaKeyIIFNAME, tap, expr.CmpOpEq))
-	jump(forwardChain, in, ifname(expr.MetaKeyOIFNAME, tap, expr.CmpOpEq))
-	jump(inputChain, host, ifname(expr.MetaKeyIIFNAME, tap, expr.CmpOpEq))
+	// Jumps into the "to the guest" chains go first in forward: an accept
+	// in one guest's out chain ends the base chain, so if they came after
+	// it, another guest's in chain would never see traffic between guests.
+	jump(c.InsertRule, forwardChain, in, ifname(expr.MetaKeyOIFNAME, tap, expr.CmpOpEq))
+	jump(c.AddRule, forwardChain, out, ifname(expr.MetaKeyIIFNAME, tap, expr.CmpOpEq))
+	jump(c.AddRule, inputChain, host, ifname(expr.MetaKeyIIFNAME, tap, expr.CmpOpEq))
 	if nat != nil {
-		jump(postroutingNAT, nat, addrMatch(srcOffset, netip.PrefixFrom(guest, 32), expr.CmpOpEq))
+		jump(c.AddRule, postroutingNAT, nat, addrMatch(srcOffset, netip.PrefixFrom(guest, 32), expr.CmpOpEq))
 	}
 	if err := c.Flush(); err != nil {
 		return false, permissionCode(errcode.NftFailed, err, "installing the nftables rules of VM "+p.vmID)

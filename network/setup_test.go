@@ -3,6 +3,7 @@ package network
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -27,17 +28,18 @@ func TestSetupCreatesTap(t *testing.T) {
 	}
 
 	var links []struct {
-		Ifname    string
-		Flags     []string
-		Linkinfo  struct {
+		Ifname   string
+		Flags    []string
+		Linkinfo struct {
 			InfoKind string `json:"info_kind"`
 			InfoData struct {
-				Type    string
-				Pi      bool
-				VnetHdr bool `json:"vnet_hdr"`
-				Persist bool
-				User    string
-				Group   string
+				Type       string
+				Pi         bool
+				VnetHdr    bool `json:"vnet_hdr"`
+				Persist    bool
+				MultiQueue bool `json:"multi_queue"`
+				User       any  // a number, or a name when the uid has one
+				Group      any
 			} `json:"info_data"`
 		}
 		AddrInfo []struct {
@@ -51,10 +53,10 @@ func TestSetupCreatesTap(t *testing.T) {
 	}
 	l := links[0]
 	info := l.Linkinfo.InfoData
-	if l.Linkinfo.InfoKind != "tun" || info.Type != "tap" || !info.Persist || !info.VnetHdr || info.Pi {
-		t.Errorf("link kind %q data %+v, want a persistent tap with vnet_hdr and no PI\n%s", l.Linkinfo.InfoKind, info, out)
+	if l.Linkinfo.InfoKind != "tun" || info.Type != "tap" || !info.Persist || !info.VnetHdr || info.Pi || info.MultiQueue {
+		t.Errorf("link kind %q data %+v, want a persistent single-queue tap with vnet_hdr and no PI\n%s", l.Linkinfo.InfoKind, info, out)
 	}
-	if info.User != "4321" || info.Group != "4322" {
+	if fmt.Sprint(info.User) != "4321" || fmt.Sprint(info.Group) != "4322" {
 		t.Errorf("owner %s:%s, want 4321:4322", info.User, info.Group)
 	}
 	if !strings.Contains(strings.Join(l.Flags, ","), "UP") {
