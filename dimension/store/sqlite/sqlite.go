@@ -34,6 +34,11 @@ var migrationFiles embed.FS
 // DefaultFile is the database's file name under DIMENSION_DATA_DIR.
 const DefaultFile = "dimension.db"
 
+// maxConns caps the pool: SQLite runs one writer at a time anyway, and
+// waiters queue in order in database/sql instead of polling in SQLite's
+// sleeping busy handler.
+const maxConns = 8
+
 // busyTimeout bounds how long a statement waits for another writer.
 const busyTimeout = 10 * time.Second
 
@@ -53,6 +58,7 @@ func Open(ctx context.Context, path string, logger *slog.Logger) (store.Store, e
 	if err != nil {
 		return nil, errcode.Wrap(errcode.StoreError, err, "open %s", path)
 	}
+	db.SetMaxOpenConns(maxConns)
 	if err := db.PingContext(ctx); err != nil {
 		db.Close()
 		return nil, errcode.Wrap(errcode.StoreError, err, "open %s", path)
