@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"modernc.org/sqlite"
@@ -48,6 +49,10 @@ const busyTimeout = 10 * time.Second
 func Open(ctx context.Context, path string, logger *slog.Logger) (store.Store, error) {
 	if path == "" {
 		return nil, errcode.New(errcode.InvalidArgument, "store database path is empty")
+	}
+	if strings.ContainsAny(path, "?#") {
+		// The driver takes a file: URI, where these start the query.
+		return nil, errcode.New(errcode.InvalidArgument, "store database path %q contains '?' or '#'", path)
 	}
 	dir := filepath.Dir(path)
 	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {

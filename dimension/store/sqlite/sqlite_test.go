@@ -43,7 +43,8 @@ func TestOpenRefusesBadPaths(t *testing.T) {
 	if err := os.WriteFile(notDir, []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for _, path := range []string{"", filepath.Join(dir, "missing", "d.db"), filepath.Join(notDir, "d.db")} {
+	for _, path := range []string{"", filepath.Join(dir, "missing", "d.db"), filepath.Join(notDir, "d.db"),
+		filepath.Join(dir, "d.db?mode=ro"), filepath.Join(dir, "d#1.db")} {
 		_, err := sqlite.Open(t.Context(), path, nil)
 		if !errcode.HasCode(err, errcode.InvalidArgument) {
 			t.Errorf("Open(%q) = %v, want %s", path, err, errcode.InvalidArgument)
