@@ -7,8 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"syscall"
-	"time"
 
 	"github.com/hyphae-run/hyphae/errcode"
 )
@@ -48,36 +46,17 @@ type allocFile struct {
 	Allocations []Allocation `json:"allocations"`
 }
 
-// lockPoll is how often a blocked lock attempt retries; flock itself cannot
-// be cancelled, so waiting polls LOCK_NB until the context ends.
-const lockPoll = 2 * time.Millisecond
-
 // locked runs fn with the exclusive lock held, handing it the current
 // allocations; when fn returns changed=true the new list is written.
 func (f fileAllocations) locked(ctx context.Context, fn func(list []Allocation) ([]Allocation, bool, error)) error {
 	if err := os.MkdirAll(filepath.Dir(f.path), 0o755); err != nil {
 		return errcode.Wrap(errcode.RegistryError, err, "creating the directory of %s", f.path)
 	}
-	lock, err := os.OpenFile(f.path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	lock, err := flockFile(ctx, f.path+".lock", os.O_RDWR|os.O_CREATE, errcode.RegistryError)
 	if err != nil {
-		return errcode.Wrap(errcode.RegistryError, err, "opening the allocation lock")
+		return err
 	}
 	defer lock.Close()
-	for {
-		err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			return errcode.Wrap(errcode.RegistryError, err, "locking %s", lock.Name())
-		}
-		select {
-		case <-ctx.Done():
-			return errcode.Wrap(errcode.Timeout, ctx.Err(), "waiting for the allocation lock %s", lock.Name())
-		case <-time.After(lockPoll):
-		}
-	}
-	// Closing the file releases the lock.
 
 	list, err := f.read()
 	if err != nil {

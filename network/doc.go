@@ -32,10 +32,13 @@
 // (100.64/10), loopback, link-local, multicast and reserved ranges and the
 // pool itself are dropped (with a counter) in vm-<id>-out, and everything
 // is dropped in vm-<id>-host; other destinations pass and are masqueraded.
-// New connections into a guest are dropped. The base chains stay, empty,
-// after the last VM: deleting the table would race with another process
-// adding its VM. Rules elsewhere (another table's drop policy, e.g.
-// Docker's FORWARD) can still drop guest traffic that hyphae accepts.
+// New connections into a guest are dropped. The table is deleted with the
+// last VM. Changes to the table take an flock(2) on the network
+// namespace's own nsfs file, which every hyphae process working in that
+// namespace shares without any lock directory, so that removing the table
+// cannot race with another process adding a VM. Rules elsewhere (another
+// table's drop policy, e.g. Docker's FORWARD) can still drop guest traffic
+// that hyphae accepts.
 //
 // # Forwarding
 //

@@ -224,22 +224,18 @@ func (m *Manager) Setup(ctx context.Context, vmID string, opts Options) (att *At
 	if err := step("rules"); err != nil {
 		return nil, err
 	}
-	nc, err := m.newNft()
-	if err != nil {
-		return nil, err
-	}
 	plan := vmPlan{vmID: vmID, lease: lease, allow: m.allowWithDNS(opts.Allow), nat: !opts.NoNAT, uplink: m.uplink, pool: m.pool.Prefix()}
-	hadRules, err := installVM(nc, plan)
+	hadRules := false
+	err = m.withRules(ctx, func(c nftConn) (err error) {
+		hadRules, err = installVM(c, plan)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
 	if !hadRules {
 		undo = append(undo, func() error {
-			nc, err := m.newNft()
-			if err != nil {
-				return err
-			}
-			return removeVM(nc, vmID)
+			return m.withRules(context.WithoutCancel(ctx), func(c nftConn) error { return removeVM(c, vmID) })
 		})
 	}
 
@@ -285,11 +281,7 @@ func (m *Manager) Teardown(ctx context.Context, vmID string) error {
 // teardown removes in the reverse order of Setup, so that anything left
 // after a crash still has its allocation and Reclaim can find it.
 func (m *Manager) teardown(ctx context.Context, vmID string) error {
-	nc, err := m.newNft()
-	if err != nil {
-		return err
-	}
-	if err := removeVM(nc, vmID); err != nil {
+	if err := m.withRules(ctx, func(c nftConn) error { return removeVM(c, vmID) }); err != nil {
 		return err
 	}
 	list, err := m.allocs.List(ctx)
@@ -358,22 +350,36 @@ func (m *Manager) Reclaim(ctx context.Context, live func(vmID string) bool) erro
 	if err != nil {
 		errs = append(errs, err)
 	}
-	nc, err := m.newNft()
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	ids, err := vmsWithRules(nc)
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	for _, id := range ids {
-		if _, ok := kept[id]; ok {
-			continue
+	err = m.withRules(ctx, func(c nftConn) error {
+		ids, err := vmsWithRules(c)
+		if err != nil {
+			return err
 		}
-		m.log.Info("network: removing orphaned rules", "vm", id)
-		if err := removeVM(nc, id); err != nil {
-			errs = append(errs, err)
+		for _, id := range ids {
+			if _, ok := kept[id]; ok {
+				continue
+			}
+			m.log.Info("network: removing orphaned rules", "vm", id)
+			if err := removeVM(c, id); err != nil {
+				errs = append(errs, err)
+			}
 		}
+		return nil
+	})
+	return errors.Join(append(errs, err)...)
+}
+
+// withRules runs fn with an nftables connection while holding the
+// namespace lock.
+func (m *Manager) withRules(ctx context.Context, fn func(nftConn) error) error {
+	lock, err := m.ns.lock(ctx)
+	if err != nil {
+		return err
 	}
-	return errors.Join(errs...)
+	defer lock.Close()
+	c, err := m.newNft()
+	if err != nil {
+		return err
+	}
+	return fn(c)
 }

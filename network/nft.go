@@ -2,6 +2,7 @@ package network
 
 import (
 	"encoding/binary"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -20,8 +21,7 @@ import (
 const TableName = "hyphae"
 
 // Base chains of the table. They hold only per-VM jump rules, so adding
-// them again is a no-op and they are left in place, empty, after the last
-// VM goes: deleting them would race with another process adding its VM.
+// them again is a no-op; the table goes with the last VM.
 var (
 	table           = &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
 	forwardChain    = baseChain("forward", nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter)
@@ -53,6 +53,7 @@ type nftConn interface {
 	AddChain(*nftables.Chain) *nftables.Chain
 	FlushChain(*nftables.Chain)
 	DelChain(*nftables.Chain)
+	DelTable(*nftables.Table)
 	AddRule(*nftables.Rule) *nftables.Rule
 	InsertRule(*nftables.Rule) *nftables.Rule
 	DelRule(*nftables.Rule) error
@@ -249,12 +250,28 @@ func installVM(c nftConn, p vmPlan) (bool, error) {
 	return st.hasVM(p.vmID), nil
 }
 
-// removeVM deletes the VM's jump rules and chains; it is a no-op when there
-// are none.
+// removeVM deletes the VM's jump rules and chains, and the whole table
+// when no other VM has rules in it; it is a no-op when there is nothing to
+// delete. Callers hold the namespace lock, so no other hyphae process can
+// be adding a VM in between.
 func removeVM(c nftConn, vmID string) error {
 	st, err := readState(c, vmID)
 	if err != nil {
 		return err
+	}
+	others := slices.ContainsFunc(slices.Collect(maps.Keys(st.chains)), func(name string) bool {
+		id, ok := vmIDOfChain(name)
+		return ok && id != vmID
+	})
+	if !others {
+		if len(st.chains) == 0 {
+			return nil // no table
+		}
+		c.DelTable(table)
+		if err := c.Flush(); err != nil {
+			return permissionCode(errcode.NftFailed, err, "removing the nftables table with the rules of VM "+vmID)
+		}
+		return nil
 	}
 	if len(st.jumps) == 0 && !st.hasVM(vmID) {
 		return nil

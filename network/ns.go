@@ -1,6 +1,7 @@
 package network
 
 import (
+	"context"
 	"errors"
 	"os"
 	"runtime"
@@ -20,17 +21,28 @@ import (
 type namespace struct {
 	handle netns.NsHandle
 	path   string
+	// lockPath names the namespace's nsfs inode, which every process
+	// working in the namespace sees, whatever path it opened it by.
+	lockPath string
 }
 
 func openNamespace(path string) (*namespace, error) {
 	if path == "" {
-		return &namespace{handle: netns.None()}, nil
+		return &namespace{handle: netns.None(), lockPath: "/proc/self/ns/net"}, nil
 	}
 	h, err := netns.GetFromPath(path)
 	if err != nil {
 		return nil, errcode.Wrap(errcode.InvalidArgument, err, "opening network namespace %s", path)
 	}
-	return &namespace{handle: h, path: path}, nil
+	return &namespace{handle: h, path: path, lockPath: path}, nil
+}
+
+// lock takes the namespace-wide lock that serializes changes to the
+// hyphae table between processes, so that removing the table with the
+// last VM cannot race with another process adding one. flock(2) works on
+// nsfs files; closing the returned file unlocks.
+func (n *namespace) lock(ctx context.Context) (*os.File, error) {
+	return flockFile(ctx, n.lockPath, os.O_RDONLY, errcode.NftFailed)
 }
 
 func (n *namespace) close() error {
