@@ -233,7 +233,7 @@ func Run(ctx context.Context, transport io.ReadWriter, cfg Config) (int, error) 
 	return s.done(code, sig)
 }
 
-// recv reads one envelope, giving up when ctx ends.
+// recv reads the next non-empty envelope, giving up when ctx ends.
 func (s *session) recv(ctx context.Context) (*pb.Envelope, error) {
 	type result struct {
 		env *pb.Envelope
@@ -241,8 +241,14 @@ func (s *session) recv(ctx context.Context) (*pb.Envelope, error) {
 	}
 	ch := make(chan result, 1)
 	go func() {
-		env, err := s.r.ReadEnvelope()
-		ch <- result{env, err}
+		for {
+			env, err := s.r.ReadEnvelope()
+			if err == nil && protocol.IsEmpty(env) {
+				continue
+			}
+			ch <- result{env, err}
+			return
+		}
 	}()
 	select {
 	case r := <-ch:
@@ -265,6 +271,9 @@ func (s *session) control(ctx context.Context, c *child, exited <-chan struct{})
 				}
 				close(msgs)
 				return
+			}
+			if protocol.IsEmpty(env) {
+				continue
 			}
 			select {
 			case msgs <- env:

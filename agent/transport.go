@@ -27,7 +27,8 @@ const closeLinger = 2 * time.Second
 // hyphae.channel kernel command-line token (guest.CmdlineChannel):
 // "vsock:<port>" listens on AF_VSOCK and accepts one host connection;
 // "serial:<device>" opens a serial port (or virtio-serial port) in raw
-// mode. It blocks until the channel is usable or ctx ends.
+// mode and writes protocol.EmptyFrame to tell the host it is listening. It
+// blocks until the channel is usable or ctx ends.
 func Open(ctx context.Context, spec string) (io.ReadWriteCloser, error) {
 	kind, arg, _ := strings.Cut(spec, ":")
 	switch kind {
@@ -108,6 +109,12 @@ func openSerial(dev string) (io.ReadWriteCloser, error) {
 	if terr != nil && !errors.Is(terr, unix.ENOTTY) {
 		f.Close()
 		return nil, errcode.Wrap(errcode.ChannelFailed, terr, "putting %s in raw mode", dev)
+	}
+	// Bytes the host sends before the port is open are lost, so the host
+	// waits for this empty envelope before it sends the Request.
+	if _, err := f.WriteString(protocol.EmptyFrame); err != nil {
+		f.Close()
+		return nil, errcode.Wrap(errcode.ChannelFailed, err, "announcing readiness on %s", dev)
 	}
 	return &streamFile{File: f, tty: terr == nil}, nil
 }

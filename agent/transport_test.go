@@ -70,6 +70,9 @@ func TestSerialChannelIsRaw(t *testing.T) {
 		res <- runResult{code, err}
 	}()
 	w, r := protocol.NewWriter(master), protocol.NewReader(master)
+	if ready, err := r.ReadEnvelope(); err != nil || !protocol.IsEmpty(ready) {
+		t.Fatalf("first frame %v, %v; want the empty readiness frame", ready, err)
+	}
 	if err := w.WriteEnvelope(&pb.Envelope{RequestId: "s", Payload: &pb.Envelope_Request{Request: &pb.Request{Payload: payload}}}); err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,16 @@ const MaxFrameSize = 4 << 20
 // AgentVsockPort is the AF_VSOCK port the guest agent listens on.
 const AgentVsockPort = 1024
 
+// EmptyFrame is the frame of an Envelope without payload. It carries
+// nothing and receivers skip it (IsEmpty). The agent writes one when it
+// opens a serial channel: bytes sent to a serial port before the guest
+// opens it are lost, so the host waits for it before sending the Request.
+const EmptyFrame = "\x00"
+
+// IsEmpty reports whether env carries no message (a readiness or
+// keepalive frame), which receivers skip.
+func IsEmpty(env *pb.Envelope) bool { return env.GetPayload() == nil }
+
 // maxVarintLen is the longest unsigned LEB128 encoding of a uint64.
 const maxVarintLen = binary.MaxVarintLen64
 

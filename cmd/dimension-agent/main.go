@@ -2,8 +2,9 @@
 // starts it as the program of a VM when the image holds
 // /sbin/dimension-agent. It opens the host channel named by the kernel
 // command line (hyphae.channel, default vsock:1024), serves one request
-// with package agent, and exits with the bundle's exit code. It must be
-// built static (CGO_ENABLED=0).
+// with package agent, and exits with the bundle's exit code. The events
+// socket is $DIMENSION_EVENTS_SOCK, else /run/dimension/events.sock. It
+// must be built static (CGO_ENABLED=0).
 package main
 
 import (
@@ -51,10 +52,11 @@ func run() int {
 	}
 	log.Info("host connected", "channel", *channel)
 	code, err := agent.Run(ctx, conn, agent.Config{
-		Root:    *root,
-		BaseEnv: agent.EnvFromOS(os.Environ()),
-		Cmdline: cmdline,
-		Logger:  log,
+		Root:         *root,
+		BaseEnv:      agent.EnvFromOS(os.Environ()),
+		Cmdline:      cmdline,
+		EventsSocket: os.Getenv(agent.EnvEventsSocket),
+		Logger:       log,
 	})
 	conn.Close()
 	if err != nil {

@@ -107,7 +107,11 @@ func (ErrorCode) EnumDescriptor() ([]byte, []int) {
 	return file_dimension_protocol_v1_protocol_proto_rawDescGZIP(), []int{0}
 }
 
-// Envelope carries exactly one message in either direction.
+// Envelope carries exactly one message in either direction. An Envelope
+// without payload (the one-byte frame 0x00) carries nothing and receivers
+// skip it; the agent sends one when it opens a serial channel, because bytes
+// sent to a serial port before the guest opens it are lost, so the host
+// waits for it before sending the Request.
 type Envelope struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// request_id ties every guest→host message to the Request it answers.
