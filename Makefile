@@ -21,6 +21,7 @@ install: ## go install every binary (statically linked)
 
 test: deps ## install what the tests need, then run every test with real VMs required
 	HYPHAE_E2E=require HYPHAE_TEST_KERNEL=$(KERNELS)/vmlinuz \
+	HYPHAE_TEST_DATABASE_URL="$$(./scripts/postgres.sh)" \
 		$(GO) test -p 2 -timeout 25m ./...
 
 test-short: ## unit tests only, no VMs, no root
