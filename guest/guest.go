@@ -7,6 +7,7 @@ package guest
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"sort"
 	"strconv"
 	"strings"
@@ -248,4 +249,21 @@ const (
 	// upper layer, or a block device path (an empty ext4 such as
 	// /dev/vdb) for a disk-backed one.
 	CmdlineOverlay = "hyphae.overlay"
+	// CmdlineDNS carries the guest's DNS servers, comma-separated
+	// ("hyphae.dns=192.0.2.53,198.51.100.53"); hyphae-init writes them to
+	// /etc/resolv.conf.
+	CmdlineDNS = "hyphae.dns"
 )
+
+// ResolvConf renders /etc/resolv.conf for the comma-separated server list
+// of a hyphae.dns token. Entries that are not IP addresses are dropped, so
+// that a hostile command line cannot inject other resolver options.
+func ResolvConf(servers string) []byte {
+	var b bytes.Buffer
+	for _, s := range strings.Split(servers, ",") {
+		if ip := net.ParseIP(strings.TrimSpace(s)); ip != nil {
+			b.WriteString("nameserver " + ip.String() + "\n")
+		}
+	}
+	return b.Bytes()
+}

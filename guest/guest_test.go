@@ -311,3 +311,17 @@ func TestCmdlineValue(t *testing.T) {
 		})
 	}
 }
+
+func TestResolvConf(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"192.0.2.53", "nameserver 192.0.2.53\n"},
+		{"192.0.2.53,2001:db8::1", "nameserver 192.0.2.53\nnameserver 2001:db8::1\n"},
+		{"192.0.2.53,options%20ndots:9,evil\nsearch x", "nameserver 192.0.2.53\n"},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		if got := string(ResolvConf(tt.in)); got != tt.want {
+			t.Errorf("ResolvConf(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/hyphae-run/hyphae/errcode"
@@ -132,6 +133,9 @@ func Run(ctx context.Context, cfg Config) Result {
 	if err != nil {
 		return fatal(err)
 	}
+	if err := writeResolvConf(cfg.Root, cmdline); err != nil {
+		return fatal(err)
+	}
 	plan, err := LoadPlan(cfg.Root, cmdline)
 	if err != nil {
 		return fatal(err)
@@ -182,6 +186,21 @@ func disableCtrlAltDel(log *slog.Logger) {
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
 		log.Debug("cannot turn Ctrl-Alt-Del off", "err", err)
 	}
+}
+
+// writeResolvConf writes /etc/resolv.conf from the hyphae.dns token, when
+// the command line has one (networked VMs). Without it the image's own file
+// stays as it is.
+func writeResolvConf(root, cmdline string) error {
+	servers, ok := guest.CmdlineValue(cmdline, guest.CmdlineDNS)
+	if !ok {
+		return nil
+	}
+	p := filepath.Join(root, guest.ResolvConfPath)
+	if err := os.WriteFile(p, guest.ResolvConf(servers), 0o644); err != nil {
+		return errcode.Wrap(errcode.InitFatal, err, "cannot write %s", guest.ResolvConfPath)
+	}
+	return nil
 }
 
 func readCmdline(path string) (string, error) {

@@ -253,6 +253,19 @@ func TestPID1InNamespace(t *testing.T) {
 			want:   []string{"probe: env.B=file", "probe: env.C=<unset>", "probe: cwd=/", "probe: mount=/proc proc"},
 			status: guest.Status{ExitCode: 0},
 		},
+		{
+			name:    "resolv.conf from hyphae.dns",
+			img:     testImage{entrypoint: report},
+			cmdline: "hyphae.dns=192.0.2.53,2001:db8::35,bogus",
+			want:    []string{"probe: resolv=nameserver 192.0.2.53;nameserver 2001:db8::35;"},
+			status:  guest.Status{ExitCode: 0},
+		},
+		{
+			name:   "resolv.conf untouched without hyphae.dns",
+			img:    testImage{entrypoint: report},
+			want:   []string{"probe: resolv=<none>"},
+			status: guest.Status{ExitCode: 0},
+		},
 		{name: "exit 3", img: testImage{entrypoint: []string{"/bin/probe", "exit", "3"}}, status: guest.Status{ExitCode: 3}},
 		{name: "killed by SIGKILL", img: testImage{entrypoint: []string{"/bin/probe", "kill9"}}, status: guest.Status{ExitCode: 137, Signal: 9}},
 		{

@@ -69,6 +69,11 @@ func report() {
 		}
 		say("env."+k, v)
 	}
+	if b, err := os.ReadFile("/etc/resolv.conf"); err == nil {
+		say("resolv", strings.ReplaceAll(string(b), "\n", ";"))
+	} else {
+		say("resolv", "<none>")
+	}
 	wd, _ := os.Getwd()
 	say("cwd", wd)
 	say("pid", strconv.Itoa(os.Getpid()))
