@@ -8,11 +8,15 @@ import (
 	"regexp"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/hyphae-run/hyphae/errcode"
 )
+
+// cleanupTimeout bounds the rollback of a failed Setup.
+const cleanupTimeout = 30 * time.Second
 
 // DefaultDNS is the guest's resolver when Config.DNS is empty.
 var DefaultDNS = []netip.Addr{netip.MustParseAddr("1.1.1.1"), netip.MustParseAddr("8.8.8.8")}
@@ -173,7 +177,12 @@ func (m *Manager) Setup(ctx context.Context, vmID string, opts Options) (att *At
 			}
 		}
 	}()
-	step := func(name string) error { return m.beforeStep(name) }
+	step := m.beforeStep
+	// Rollback must run even when ctx is what ended Setup, but still within
+	// a bound.
+	cleanup := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	}
 
 	// 1. The lease. An existing allocation means an earlier Setup of this
 	// VM, whose TAP and rules are reused.
@@ -190,7 +199,11 @@ func (m *Manager) Setup(ctx context.Context, vmID string, opts Options) (att *At
 		return nil, err
 	}
 	if !resumed {
-		undo = append(undo, func() error { return m.allocs.Release(context.WithoutCancel(ctx), vmID) })
+		undo = append(undo, func() error {
+			ctx, cancel := cleanup()
+			defer cancel()
+			return m.allocs.Release(ctx, vmID)
+		})
 	}
 	lease, err := m.pool.Lease(index)
 	if err != nil {
@@ -235,7 +248,9 @@ func (m *Manager) Setup(ctx context.Context, vmID string, opts Options) (att *At
 	}
 	if !hadRules {
 		undo = append(undo, func() error {
-			return m.withRules(context.WithoutCancel(ctx), func(c nftConn) error { return removeVM(c, vmID) })
+			ctx, cancel := cleanup()
+			defer cancel()
+			return m.withRules(ctx, func(c nftConn) error { return removeVM(c, vmID) })
 		})
 	}
 

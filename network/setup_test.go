@@ -210,3 +210,41 @@ func joinExprs(rules []nftRule) string {
 	}
 	return b.String()
 }
+
+func TestNATUplink(t *testing.T) {
+	tests := []struct {
+		uplink, want string
+	}{
+		{"", `{"match":{"op":"!=","left":{"meta":{"key":"oifname"}},"right":"hyphae-tap*"}},{"masquerade":null}`},
+		{"up0", `{"match":{"op":"==","left":{"meta":{"key":"oifname"}},"right":"up0"}},{"masquerade":null}`},
+	}
+	for _, tt := range tests {
+		host := newTestNS(t, "uplink")
+		m := newTestManager(t, host, Config{Uplink: tt.uplink})
+		if _, err := m.Setup(context.Background(), "vm", Options{}); err != nil {
+			t.Fatal(err)
+		}
+		if got := joinExprs(host.listRules(t).rulesOf("vm-vm-nat")); !strings.Contains(got, tt.want) {
+			t.Errorf("uplink %q: nat chain %s, want %s", tt.uplink, got, tt.want)
+		}
+	}
+	for _, bad := range []string{"hyphae-tap3", "a-name-longer-than-15"} {
+		if _, err := New(Config{Uplink: bad, Allocations: FileAllocations(t.TempDir() + "/a")}); err == nil {
+			t.Errorf("uplink %q accepted", bad)
+		}
+	}
+}
+
+func TestNoNATLeavesForwardingOff(t *testing.T) {
+	host := newTestNS(t, "nonat")
+	m := newTestManager(t, host, Config{})
+	att, err := m.Setup(context.Background(), "vm", Options{NoNAT: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwd := strings.TrimSpace(run(t, "ip", "netns", "exec", host.name, "cat", "/proc/sys/net/ipv4/ip_forward"))
+	rs := host.listRules(t)
+	if att.ForwardingEnabled || fwd != "0" || rs.Chains["vm-vm-nat"] || !rs.Chains["vm-vm-out"] {
+		t.Errorf("NoNAT: forwarding %v (%s), chains %v", att.ForwardingEnabled, fwd, rs.Chains)
+	}
+}
