@@ -110,6 +110,11 @@ func cmdline(spec vmm.Spec, l layout) string {
 		// Reboot at once on a panic: with -no-reboot QEMU then exits
 		// instead of leaving a dead guest running.
 		"panic=-1", "quiet",
+		// Reboot through the i8042 reset line, which -no-reboot turns
+		// into QEMU exiting. The kernel's default (ACPI reset first) was
+		// seen to reset microvm now and then instead, leaving a guest
+		// spinning in the firmware and QEMU running.
+		"reboot=k",
 		guest.CmdlineChannel + "=serial:" + ChannelDevice,
 	}
 	if l.tscKHz > 0 {

@@ -60,7 +60,7 @@ func TestArgs(t *testing.T) {
 			},
 			absent: []string{"-cpu"},
 			cmd: []string{"console=ttyS0 root=/dev/nvme0n1 rw init=/sbin/init panic=-1", "hyphae.channel=serial:/dev/ttyS1",
-				"tsc_early_khz=2600000", "hyphae.env.A=1"},
+				"reboot=k", "tsc_early_khz=2600000", "hyphae.env.A=1"},
 		},
 		{
 			name: "read-only root under kvm",

@@ -13,12 +13,14 @@
 // snapshot=on overlay would do the same but hides the file in $TMPDIR
 // where neither its size nor its removal after a SIGKILL can be checked.
 //
-// Graceful stop: microvm has no ACPI power button a bare init would act
-// on, so Stop sends Ctrl-Alt-Del through QMP send-key to an emulated
-// i8042. The guest kernel then restarts (or, when its init has turned
-// Ctrl-Alt-Del handling off with reboot(CAD_OFF), signals init with
-// SIGINT), and -no-reboot turns the restart into QEMU exiting. After that
-// come SIGTERM (QEMU exits cleanly) and SIGKILL, via vmmproc.
+// Graceful stop: QMP system_powerdown needs an ACPI power button handler
+// in the guest, which a bare init lacks, so Stop sends Ctrl-Alt-Del through
+// QMP send-key to an emulated i8042. hyphae-init turns the kernel's own
+// Ctrl-Alt-Del handling off (reboot(CAD_OFF)), so the kernel signals it with
+// SIGINT; it forwards SIGTERM to the program, reports its exit and reboots
+// (reboot=k), and -no-reboot turns that into QEMU exiting. Seen working
+// here under TCG. If the guest does not react, SIGTERM (QEMU exits at once,
+// the guest gets no say) and SIGKILL follow, via vmmproc.
 package qemu
 
 import (
