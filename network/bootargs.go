@@ -4,12 +4,9 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-)
 
-// DNSToken is the kernel command-line key carrying the guest's DNS servers,
-// comma-separated: "hyphae.dns=1.1.1.1,8.8.8.8". hyphae-init writes one
-// "nameserver" line per address to /etc/resolv.conf.
-const DNSToken = "hyphae.dns"
+	"github.com/hyphae-run/hyphae/guest"
+)
 
 // GuestDevice is the guest interface the ip= argument configures: the first
 // (and only) virtio-net device.
@@ -19,7 +16,9 @@ const GuestDevice = "eth0"
 // guest's network: the kernel's static "ip=" argument (format of
 // Documentation/admin-guide/nfs/nfsroot.rst:
 // ip=<client-ip>:<server-ip>:<gw-ip>:<netmask>:<hostname>:<device>:<autoconf>:<dns0-ip>:<dns1-ip>)
-// and, when dns is not empty, DNSToken. Kernels built with CONFIG_IP_PNP
+// and, when dns is not empty, the guest.CmdlineDNS token
+// ("hyphae.dns=1.1.1.1,8.8.8.8") from which hyphae-init writes
+// /etc/resolv.conf. Kernels built with CONFIG_IP_PNP
 // apply ip= themselves; for kernels without it (Debian's), hyphae-init can
 // read the same token. The first two DNS servers also go into ip= so such
 // kernels expose them in /proc/net/pnp.
@@ -38,7 +37,7 @@ func GuestBootArgs(l Lease, dns []netip.Addr) string {
 		for i, d := range dns {
 			servers[i] = d.String()
 		}
-		args += " " + DNSToken + "=" + strings.Join(servers, ",")
+		args += " " + guest.CmdlineDNS + "=" + strings.Join(servers, ",")
 	}
 	return args
 }

@@ -13,8 +13,8 @@
 //
 // # Guest configuration
 //
-// GuestBootArgs gives the kernel "ip=" argument and the DNSToken
-// ("hyphae.dns=a,b") from which hyphae-init writes /etc/resolv.conf.
+// GuestBootArgs gives the kernel "ip=" argument and the guest.CmdlineDNS
+// token ("hyphae.dns=a,b") from which hyphae-init writes /etc/resolv.conf.
 //
 // # Rules
 //
