@@ -5,7 +5,7 @@
 # kernel (cached outside the repository by scripts/fetch-kernel.sh).
 # Idempotent: a second run installs nothing.
 set -euo pipefail
-pkgs=(e2fsprogs qemu-system-x86 nftables iproute2 util-linux postgresql nats-server bzip2 xz-utils zstd)
+pkgs=(e2fsprogs qemu-system-x86 qemu-utils nftables iproute2 util-linux postgresql nats-server bzip2 xz-utils zstd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
