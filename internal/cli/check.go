@@ -141,12 +141,17 @@ func (a *app) checkCommand() *cobra.Command {
 		Long: `check probes what hyphae needs on this host and prints each prerequisite
 with its status and, when it is missing, a hint. It exits 1 when a required
 prerequisite is missing; optional ones (node, cargo, go) only matter for their
-kind of project.`,
+kind of project. The VM runtime's entries probe KVM by booting a guest (the
+answer is cached for the host's boot), look for firecracker, the jailer and
+QEMU, show the default kernel of each VMM and which VMM --vmm auto picks, and
+why.`,
 		Example: `  hyphae check
   hyphae check --json | jq '.checks[] | select(.status != "ok")'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			report := a.runChecks(cmd.Context(), prereqs())
+			vc := &vmChecks{}
+			defer vc.close()
+			report := a.runChecks(cmd.Context(), append(prereqs(), vmPrereqs(vc)...))
 			if err := a.emit(report, func(w io.Writer) { printChecks(w, report) }, nil); err != nil {
 				return err
 			}

@@ -126,6 +126,10 @@ Data lives in --home: $HYPHAE_HOME, else $XDG_DATA_HOME/hyphae, else
 		a.inspectCommand(),
 		a.rmCommand(),
 		a.gcCommand(),
+		a.runCommand(),
+		a.logsCommand(),
+		a.stopCommand(),
+		a.kernelCommand(),
 	)
 	return root
 }
@@ -205,6 +209,14 @@ var errSilent = errors.New("failure already reported")
 func (a *app) renderError(cmd *cobra.Command, err error) int {
 	if errors.Is(err, errSilent) {
 		return ExitError
+	}
+	if ex, ok := exitCodeOf(err); ok {
+		// hyphae run exits with its program's code; an error that came
+		// with it (a timeout) is still shown.
+		if ex.err != nil {
+			a.renderError(cmd, ex.err)
+		}
+		return ex.code
 	}
 	exit := ExitError
 	var u errUsage

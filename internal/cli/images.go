@@ -7,7 +7,9 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/registry"
+	"github.com/hyphae-run/hyphae/vm"
 )
 
 // listCommand is the parent of `list bundles` (images); the VM runtime adds
@@ -54,6 +56,7 @@ func (a *app) listCommand() *cobra.Command {
 			})
 		},
 	})
+	cmd.AddCommand(a.listVMsCommand())
 	return cmd
 }
 
@@ -66,11 +69,12 @@ type imageDetail struct {
 
 func (a *app) inspectCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:   "inspect <name[:tag]|digest>",
-		Short: "Show everything the registry knows about an image",
+		Use:   "inspect <name[:tag]|digest|vm-id>",
+		Short: "Show everything the registry knows about an image or a VM",
 		Long: `inspect resolves a reference — name (tag latest), name:tag, sha256:<digest> or a
 digest prefix of at least 12 hex digits — and prints the image's digest, file,
-size, source, entrypoint, default resources and every tag that names it.`,
+size, source, entrypoint, default resources and every tag that names it. A VM
+id (or a prefix naming one VM) shows the VM: spec, PID, state, uptime, paths.`,
 		Example: `  hyphae inspect hello
   hyphae inspect hello:v1 --json
   hyphae inspect 3f2a9c01b7de`,
@@ -78,6 +82,12 @@ size, source, entrypoint, default resources and every tag that names it.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.withRegistry(cmd.Context(), func(reg *registry.Registry) error {
 				d, err := inspectImage(cmd.Context(), reg, args[0])
+				if errcode.HasCode(err, errcode.NotFound) || errcode.HasCode(err, errcode.InvalidName) {
+					// Not an image: perhaps a VM id.
+					if s, verr := vm.New(vm.Options{Registry: reg, Logger: a.logger}).Get(cmd.Context(), args[0]); verr == nil {
+						return a.printVM(s)
+					}
+				}
 				if err != nil {
 					return err
 				}
