@@ -145,7 +145,11 @@ func Attach(id Identity, logger *slog.Logger) (*Process, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	fd, err := unix.PidfdOpen(id.PID, 0)
+	// Non-blocking, so that os.NewFile registers the pidfd with the
+	// runtime's poller: watchPidfd waits for readability through it (a
+	// blocking pidfd makes that wait fail at once, and Done would close
+	// while the process still runs).
+	fd, err := unix.PidfdOpen(id.PID, unix.PIDFD_NONBLOCK)
 	if err != nil {
 		return nil, errcode.Wrap(errcode.VMNotRunning, err, "process %d", id.PID)
 	}
@@ -225,7 +229,15 @@ func (p *Process) Signal(sig syscall.Signal) error {
 		if p.Exited() {
 			return nil
 		}
-		err := unix.PidfdSendSignal(int(p.pidfd.Fd()), sig, nil, 0)
+		// Through the raw descriptor: File.Fd would switch the pidfd
+		// back to blocking mode.
+		rc, err := p.pidfd.SyscallConn()
+		if err != nil {
+			return errcode.Wrap(errcode.StopFailed, err, "signal %s to pid %d", sig, p.id.PID)
+		}
+		if cerr := rc.Control(func(fd uintptr) { err = unix.PidfdSendSignal(int(fd), sig, nil, 0) }); cerr != nil {
+			err = cerr
+		}
 		if err != nil && err != unix.ESRCH {
 			return errcode.Wrap(errcode.StopFailed, err, "signal %s to pid %d", sig, p.id.PID)
 		}

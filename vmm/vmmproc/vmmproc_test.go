@@ -346,6 +346,13 @@ func TestAttach(t *testing.T) {
 	if a.Exited() {
 		t.Fatal("attached process reported exited")
 	}
+	// Done must stay open while the process runs (a blocking pidfd once
+	// made the watcher give up, and Done close, at once).
+	select {
+	case <-a.Done():
+		t.Fatal("Done closed while the attached process runs")
+	case <-time.After(200 * time.Millisecond):
+	}
 	got, err := a.Stop(context.Background(), nil, 3*time.Second)
 	if err != nil || got != StoppedTerm {
 		t.Errorf("attached Stop = %s, %v; want %s", got, err, StoppedTerm)
