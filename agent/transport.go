@@ -27,8 +27,12 @@ const closeLinger = 2 * time.Second
 // hyphae.channel kernel command-line token (guest.CmdlineChannel):
 // "vsock:<port>" listens on AF_VSOCK and accepts one host connection;
 // "serial:<device>" opens a serial port (or virtio-serial port) in raw
-// mode and writes protocol.EmptyFrame to tell the host it is listening. It
-// blocks until the channel is usable or ctx ends.
+// mode and writes protocol.EmptyFrame to tell the host it is listening;
+// "fd:<n>" uses the stream socket inherited as file descriptor n (the
+// gateway's mock mode, which runs the agent as a host process over a
+// socketpair: the host's end exists before the agent starts, so nothing is
+// lost and no readiness frame is sent). It blocks until the channel is
+// usable or ctx ends.
 func Open(ctx context.Context, spec string) (io.ReadWriteCloser, error) {
 	kind, arg, _ := strings.Cut(spec, ":")
 	switch kind {
@@ -43,8 +47,14 @@ func Open(ctx context.Context, spec string) (io.ReadWriteCloser, error) {
 			return nil, errcode.New(errcode.InvalidArgument, "channel %q: serial device must be an absolute path", spec)
 		}
 		return openSerial(arg)
+	case "fd":
+		n, err := strconv.Atoi(arg)
+		if err != nil || n < 3 {
+			return nil, errcode.New(errcode.InvalidArgument, "channel %q: want fd:<n> with n ≥ 3 (0-2 are stdio)", spec)
+		}
+		return openFD(n)
 	default:
-		return nil, errcode.New(errcode.InvalidArgument, "channel %q: want vsock:<port> or serial:<device>", spec)
+		return nil, errcode.New(errcode.InvalidArgument, "channel %q: want vsock:<port>, serial:<device> or fd:<n>", spec)
 	}
 }
 
@@ -117,6 +127,24 @@ func openSerial(dev string) (io.ReadWriteCloser, error) {
 		return nil, errcode.Wrap(errcode.ChannelFailed, err, "announcing readiness on %s", dev)
 	}
 	return &streamFile{File: f, tty: terr == nil}, nil
+}
+
+// openFD adopts an inherited stream socket. It is marked close-on-exec
+// first, so that the bundle (a child of the agent) never holds the host
+// channel, and made non-blocking so that deadlines work on it.
+func openFD(n int) (io.ReadWriteCloser, error) {
+	st := unix.Stat_t{}
+	if err := unix.Fstat(n, &st); err != nil {
+		return nil, errcode.Wrap(errcode.ChannelFailed, err, "channel fd %d", n)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, errcode.New(errcode.ChannelFailed, "channel fd %d is not a socket", n)
+	}
+	unix.CloseOnExec(n)
+	if err := unix.SetNonblock(n, true); err != nil {
+		return nil, errcode.Wrap(errcode.ChannelFailed, err, "channel fd %d", n)
+	}
+	return &streamFile{File: os.NewFile(uintptr(n), "channel"), socket: true}, nil
 }
 
 // makeRaw is cfmakeraw(3).

@@ -126,3 +126,70 @@ func TestVsockAcceptHonoursContext(t *testing.T) {
 		t.Fatalf("err = %v, want ChannelFailed", err)
 	}
 }
+
+// An inherited socket (fd:<n>) carries a whole run; the descriptor is made
+// close-on-exec so that the bundle cannot hold the host channel.
+func TestFDChannel(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := os.NewFile(uintptr(fds[0]), "host")
+	defer host.Close()
+	// Clear CLOEXEC as an inherited descriptor would have it.
+	if _, err := unix.FcntlInt(uintptr(fds[1]), unix.F_SETFD, 0); err != nil {
+		t.Fatal(err)
+	}
+	ch, err := Open(context.Background(), "fd:"+strconv.Itoa(fds[1]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if flags, err := unix.FcntlInt(uintptr(fds[1]), unix.F_GETFD, 0); err != nil || flags&unix.FD_CLOEXEC == 0 {
+		t.Fatalf("fd flags %#x, %v: want FD_CLOEXEC", flags, err)
+	}
+	res := make(chan runResult, 1)
+	go func() {
+		code, err := Run(context.Background(), ch, Config{Program: selfProgram(t, "echo"), EventsSocket: socketPath(t), Logger: testLogger(t)})
+		ch.Close()
+		res <- runResult{code, err}
+	}()
+	w, r := protocol.NewWriter(host), protocol.NewReader(host)
+	if err := w.WriteEnvelope(&pb.Envelope{RequestId: "f", Payload: &pb.Envelope_Request{Request: &pb.Request{Payload: []byte("over fd")}}}); err != nil {
+		t.Fatal(err)
+	}
+	var stdout string
+	for {
+		env, err := r.ReadEnvelope()
+		if err != nil {
+			t.Fatalf("reading: %v", err)
+		}
+		if o := env.GetOutbound(); o.GetKind() == KindStdoutFinal {
+			stdout = string(o.GetBody())
+		}
+		if d := env.GetDone(); d != nil {
+			if d.GetExitCode() != 0 || stdout != "over fd" {
+				t.Fatalf("done %v, stdout %q", d, stdout)
+			}
+			break
+		}
+	}
+	host.Close()
+	if rr := <-res; rr.err != nil || rr.code != 0 {
+		t.Fatalf("Run = %d, %v", rr.code, rr.err)
+	}
+}
+
+func TestFDChannelRefusals(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "notsock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, spec := range []string{"fd:", "fd:x", "fd:1", "fd:99999", "fd:" + strconv.Itoa(int(f.Fd()))} {
+		if _, err := Open(context.Background(), spec); err == nil {
+			t.Errorf("Open(%q) succeeded", spec)
+		} else if !errcode.HasCode(err, errcode.InvalidArgument) && !errcode.HasCode(err, errcode.ChannelFailed) {
+			t.Errorf("Open(%q) = %v, want a coded error", spec, err)
+		}
+	}
+}

@@ -86,7 +86,6 @@ const (
 	NetlinkFailed Code = "E803" // a netlink operation failed
 	NftFailed     Code = "E804" // an nftables operation failed
 	SysctlFailed  Code = "E805" // a kernel setting (sysctl) could not be read or changed
-	SysctlFailed  Code = "E805" // a kernel setting (sysctl) could not be read or changed
 	JailFailed    Code = "E810" // the jailer could not be prepared or run
 )
 
@@ -101,4 +100,10 @@ const (
 const (
 	EventLogFailed Code = "E920" // the event log (NATS JetStream) is unreachable or failed
 	RunFinished    Code = "E921" // an event was appended after the run's completed event
+)
+
+// Dimension runner (E93x).
+const (
+	CapacityExceeded Code = "E930" // every run permit is taken
+	Draining         Code = "E931" // the runner is shutting down and takes no new runs
 )
