@@ -141,21 +141,18 @@ func followConsole(ctx context.Context, path string, done <-chan struct{}, fn fu
 		if n > 0 {
 			pending = append(pending, buf[:n]...)
 			for {
-				i := bytes.IndexByte(pending, '\n')
-				if i < 0 {
-					if len(pending) >= maxLine {
-						if !emit(pending[:maxLine]) {
-							return nil
-						}
-						pending = append(pending[:0], pending[maxLine:]...)
-						continue
-					}
+				var cut int
+				if i := bytes.IndexByte(pending, '\n'); i >= 0 && i < maxLine {
+					cut = i + 1
+				} else if len(pending) >= maxLine {
+					cut = maxLine
+				} else {
 					break
 				}
-				if !emit(pending[:i+1]) {
+				if !emit(pending[:cut]) {
 					return nil
 				}
-				pending = append(pending[:0], pending[i+1:]...)
+				pending = append(pending[:0], pending[cut:]...)
 			}
 			continue
 		}
