@@ -1,14 +1,20 @@
 #!/bin/sh
 # fetch-kernel.sh [DIR] — cache Debian's cloud kernel (linux-image-cloud-amd64)
-# for the QEMU driver and print the path of its vmlinuz.
+# and its modules for the QEMU driver and print the path of its vmlinuz.
 #
-# Idempotent: when DIR already holds the kernel of the package version apt
-# currently resolves to, nothing is downloaded. DIR defaults to
-# /var/cache/hyphae/kernels, outside the repository, so CI can cache it.
+# Idempotent: when DIR already holds the kernel and the modules of the
+# package version apt currently resolves to, nothing is downloaded. DIR
+# defaults to /var/cache/hyphae/kernels, outside the repository, so CI can
+# cache it.
 # Layout (the same one kernel.FetchDebian writes):
 #   DIR/vmlinuz-<version>   the bzImage
 #   DIR/config-<version>    its build config
+#   DIR/modules-<version>/  the package's lib/modules/<version> tree
+#                           (kernel/..., modules.order; Debian ships no
+#                           modules.dep, depmod makes it on install):
+#                           kernel.ModulesImage packs virtio_net from it
 #   DIR/vmlinuz             symlink to the newest vmlinuz-<version>
+#   DIR/modules             symlink to the newest modules-<version>
 # Tests find it through HYPHAE_TEST_KERNEL or DIR/vmlinuz.
 set -eu
 
@@ -32,8 +38,9 @@ if [ -z "$pkg" ]; then
 fi
 version=${pkg#linux-image-}
 target=$dir/vmlinuz-$version
+modules=$dir/modules-$version
 
-if [ ! -s "$target" ]; then
+if [ ! -s "$target" ] || [ ! -s "$modules/modules.order" ]; then
 	mkdir -p "$dir"
 	work=$(mktemp -d "$dir/.fetch.XXXXXX")
 	# apt downloads as the unprivileged _apt user where it can.
@@ -42,9 +49,16 @@ if [ ! -s "$target" ]; then
 	(cd "$work" && apt-get download -qq "$pkg" >&2)
 	dpkg -x "$work"/"$pkg"_*.deb "$work/x"
 	cp "$work/x/boot/config-$version" "$dir/config-$version"
-	# Rename last, so an interrupted run never leaves a truncated kernel
-	# under the final name.
-	mv "$work/x/boot/vmlinuz-$version" "$target"
+	# Renames come last, so an interrupted run never leaves a truncated
+	# kernel or a partial modules tree under its final name.
+	if [ ! -s "$modules/modules.order" ]; then
+		rm -rf "$modules"
+		mv "$work/x/lib/modules/$version" "$modules"
+	fi
+	if [ ! -s "$target" ]; then
+		mv "$work/x/boot/vmlinuz-$version" "$target"
+	fi
 fi
 ln -sfn "vmlinuz-$version" "$dir/vmlinuz"
+ln -sfn "modules-$version" "$dir/modules"
 echo "$target"
