@@ -28,6 +28,19 @@ const DebianMetaPackage = "linux-image-cloud-amd64"
 // vmlinuz-<version> there.
 const CurrentLink = "vmlinuz"
 
+// ModulesLink names the symlink in a cache dir pointing at the newest
+// modules-<version> there.
+const ModulesLink = "modules"
+
+// ModulesDirName is the name, in a cache dir, of the lib/modules tree of
+// kernel release version.
+func ModulesDirName(version string) string { return "modules-" + version }
+
+// modulesMarker is a file every modules tree of Debian's packages holds;
+// its presence means the tree was moved into place whole. (The packages
+// ship no modules.dep: depmod writes it when the package is installed.)
+const modulesMarker = "modules.order"
+
 var dependsRe = regexp.MustCompile(`Depends: (linux-image-[^\s]+)`)
 
 // FetchDebian gets Debian's cloud kernel through apt into destDir and
@@ -35,8 +48,9 @@ var dependsRe = regexp.MustCompile(`Depends: (linux-image-[^\s]+)`)
 // meta-package to the current kernel package, apt-get download fetches it
 // (apt verifies it against the signed archive), dpkg -x unpacks it. The
 // layout is the one scripts/fetch-kernel.sh writes (vmlinuz-<version>,
-// config-<version>, and the vmlinuz symlink). A kernel already there is
-// not fetched again. apt-get update is run only when apt knows no
+// config-<version>, modules-<version>/ holding the package's
+// lib/modules/<version> tree, and the vmlinuz and modules symlinks). A
+// kernel whose vmlinuz and modules are already there is not fetched again. apt-get update is run only when apt knows no
 // package lists yet.
 func FetchDebian(ctx context.Context, destDir string) (string, error) {
 	for _, tool := range []string{"apt-cache", "apt-get", "dpkg"} {
@@ -56,24 +70,41 @@ func FetchDebian(ctx context.Context, destDir string) (string, error) {
 	}
 	version := strings.TrimPrefix(pkg, "linux-image-")
 	target := filepath.Join(destDir, "vmlinuz-"+version)
-	if st, err := os.Stat(target); err != nil || st.Size() == 0 {
-		if err := downloadDebian(ctx, pkg, version, destDir, target); err != nil {
+	modules := filepath.Join(destDir, ModulesDirName(version))
+	if !nonEmpty(target) || !nonEmpty(filepath.Join(modules, modulesMarker)) {
+		if err := downloadDebian(ctx, pkg, version, destDir, target, modules); err != nil {
 			return "", err
 		}
 	}
 	if _, err := Inspect(target); err != nil {
 		return "", err
 	}
-	link := filepath.Join(destDir, CurrentLink)
-	tmpLink := link + ".new"
-	_ = os.Remove(tmpLink)
-	if err := os.Symlink(filepath.Base(target), tmpLink); err != nil {
-		return "", errcode.Wrap(errcode.FetchFailed, err, "link %s", link)
+	if err := replaceLink(filepath.Join(destDir, CurrentLink), filepath.Base(target)); err != nil {
+		return "", err
 	}
-	if err := os.Rename(tmpLink, link); err != nil {
-		return "", errcode.Wrap(errcode.FetchFailed, err, "link %s", link)
+	if err := replaceLink(filepath.Join(destDir, ModulesLink), filepath.Base(modules)); err != nil {
+		return "", err
 	}
 	return target, nil
+}
+
+func nonEmpty(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.Size() > 0
+}
+
+// replaceLink points link at target atomically (symlink, then rename).
+func replaceLink(link, target string) error {
+	tmpLink := link + ".new"
+	_ = os.Remove(tmpLink)
+	if err := os.Symlink(target, tmpLink); err != nil {
+		return errcode.Wrap(errcode.FetchFailed, err, "link %s", link)
+	}
+	if err := os.Rename(tmpLink, link); err != nil {
+		_ = os.Remove(tmpLink)
+		return errcode.Wrap(errcode.FetchFailed, err, "link %s", link)
+	}
+	return nil
 }
 
 func resolveDebianPackage(ctx context.Context) (string, error) {
@@ -85,7 +116,7 @@ func resolveDebianPackage(ctx context.Context) (string, error) {
 		WithHint("run `apt-get update`; the host needs Debian's main archive in its sources")
 }
 
-func downloadDebian(ctx context.Context, pkg, version, destDir, target string) error {
+func downloadDebian(ctx context.Context, pkg, version, destDir, target, modules string) error {
 	if err := os.MkdirAll(destDir, 0o755); err != nil {
 		return errcode.Wrap(errcode.FetchFailed, err, "create %s", destDir)
 	}
@@ -113,10 +144,21 @@ func downloadDebian(ctx context.Context, pkg, version, destDir, target string) e
 	if err := os.Rename(config, filepath.Join(destDir, "config-"+version)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return errcode.Wrap(errcode.FetchFailed, err, "keep kernel config")
 	}
-	// Renamed last: an interrupted fetch never leaves a kernel under its
-	// final name.
-	if err := os.Rename(filepath.Join(tree, "boot", "vmlinuz-"+version), target); err != nil {
-		return errcode.Wrap(errcode.FetchFailed, err, "%s holds no boot/vmlinuz-%s", pkg, version)
+	// Renamed last: an interrupted fetch never leaves a kernel or a
+	// partial modules tree under its final name. What is already in place
+	// stays, so a kernel cached before modules were kept is not replaced.
+	if !nonEmpty(filepath.Join(modules, modulesMarker)) {
+		if err := os.RemoveAll(modules); err != nil {
+			return errcode.Wrap(errcode.FetchFailed, err, "remove incomplete %s", modules)
+		}
+		if err := os.Rename(filepath.Join(tree, "lib", "modules", version), modules); err != nil {
+			return errcode.Wrap(errcode.FetchFailed, err, "%s holds no lib/modules/%s", pkg, version)
+		}
+	}
+	if !nonEmpty(target) {
+		if err := os.Rename(filepath.Join(tree, "boot", "vmlinuz-"+version), target); err != nil {
+			return errcode.Wrap(errcode.FetchFailed, err, "%s holds no boot/vmlinuz-%s", pkg, version)
+		}
 	}
 	return nil
 }

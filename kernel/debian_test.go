@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,13 +45,38 @@ func TestFetchDebian(t *testing.T) {
 	if target, err := os.Readlink(filepath.Join(dir, kernel.CurrentLink)); err != nil || target != filepath.Base(path) {
 		t.Errorf("%s link = %q, %v", kernel.CurrentLink, target, err)
 	}
+	version := strings.TrimPrefix(filepath.Base(path), "vmlinuz-")
+	modules := filepath.Join(dir, kernel.ModulesDirName(version))
+	if target, err := os.Readlink(filepath.Join(dir, kernel.ModulesLink)); err != nil || target != filepath.Base(modules) {
+		t.Errorf("%s link = %q, %v", kernel.ModulesLink, target, err)
+	}
+	if _, err := os.Stat(filepath.Join(modules, "kernel", "drivers", "net", "virtio_net.ko")); err != nil {
+		t.Errorf("modules tree lacks virtio_net: %v", err)
+	}
 	st, _ := os.Stat(path)
+	mst, _ := os.Stat(modules)
 	again, err := kernel.FetchDebian(ctx, dir)
 	if err != nil || again != path {
 		t.Fatalf("second FetchDebian = %s, %v", again, err)
 	}
 	if st2, _ := os.Stat(path); !st2.ModTime().Equal(st.ModTime()) {
 		t.Error("second FetchDebian replaced the cached kernel")
+	}
+	if mst2, _ := os.Stat(modules); !os.SameFile(mst, mst2) {
+		t.Error("second FetchDebian replaced the cached modules")
+	}
+	// A cache from before modules were kept gets them, and keeps its kernel.
+	if err := os.RemoveAll(modules); err != nil {
+		t.Fatal(err)
+	}
+	if again, err := kernel.FetchDebian(ctx, dir); err != nil || again != path {
+		t.Fatalf("FetchDebian without modules = %s, %v", again, err)
+	}
+	if _, err := os.Stat(filepath.Join(modules, "modules.order")); err != nil {
+		t.Errorf("modules not fetched again: %v", err)
+	}
+	if st2, _ := os.Stat(path); !os.SameFile(st, st2) {
+		t.Error("fetching the modules replaced the cached kernel")
 	}
 	entries, _ := os.ReadDir(dir)
 	for _, e := range entries {
