@@ -77,6 +77,7 @@ const (
 	KernelUnsupported Code = "E703" // the chosen VMM cannot boot this kernel
 	FetchFailed       Code = "E704" // downloading a kernel failed
 	ChecksumMismatch  Code = "E705" // a download's SHA-256 differs
+	ModulesNotFound   Code = "E706" // a kernel's modules tree, or a module in it, is missing
 )
 
 // Networking and the jailer (E8xx).
