@@ -253,7 +253,17 @@ const (
 	// ("hyphae.dns=192.0.2.53,198.51.100.53"); hyphae-init writes them to
 	// /etc/resolv.conf.
 	CmdlineDNS = "hyphae.dns"
+	// CmdlineModules names a block device holding kernel modules
+	// ("hyphae.modules=/dev/nvme1n1"): an ext4 with the modules as flat
+	// .ko files and ModulesLoadFile. hyphae-init mounts it read-only,
+	// loads them in that order and unmounts it before anything else needs
+	// the drivers (the NIC of a kernel whose virtio_net is a module).
+	CmdlineModules = "hyphae.modules"
 )
+
+// ModulesLoadFile is the file, at the root of a hyphae.modules device,
+// listing the .ko files to load, one per line, dependencies first.
+const ModulesLoadFile = "modules.load"
 
 // ResolvConf renders /etc/resolv.conf for the comma-separated server list
 // of a hyphae.dns token. Entries that are not IP addresses are dropped, so
