@@ -149,7 +149,7 @@ func Open(ctx context.Context, opts Options) (*Log, error) {
 		if l.ns, err = startEmbedded(opts.StoreDir, connectTimeout, log); err != nil {
 			return nil, err
 		}
-		l.nc, err = nats.Connect("", nats.InProcessServer(l.ns), nats.Name("dimension-events"))
+		l.nc, err = nats.Connect("", nats.InProcessServer(l.ns), nats.Name("dimension-events"), l.connHandlers())
 	} else {
 		l.nc, err = nats.Connect(opts.URL, nats.Name("dimension-events"), nats.Timeout(connectTimeout),
 			nats.MaxReconnects(-1), l.connHandlers())
@@ -183,11 +183,15 @@ func Open(ctx context.Context, opts Options) (*Log, error) {
 	return l, nil
 }
 
-// connHandlers logs an external connection's trouble; the client
-// reconnects by itself.
+// connHandlers logs the connection's trouble (a slow consumer among it);
+// the client reconnects to an external server by itself.
 func (l *Log) connHandlers() nats.Option {
 	return func(o *nats.Options) error {
-		o.DisconnectedErrCB = func(_ *nats.Conn, err error) { l.log.Warn("NATS disconnected", "err", err) }
+		o.DisconnectedErrCB = func(_ *nats.Conn, err error) {
+			if err != nil { // nil when Close ends the connection
+				l.log.Warn("NATS disconnected", "err", err)
+			}
+		}
 		o.ReconnectedCB = func(nc *nats.Conn) { l.log.Info("NATS reconnected", "url", nc.ConnectedUrlRedacted()) }
 		o.AsyncErrorCB = func(_ *nats.Conn, _ *nats.Subscription, err error) { l.log.Warn("NATS async error", "err", err) }
 		return nil

@@ -3,6 +3,9 @@ package events
 import (
 	"context"
 	"errors"
+	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -99,17 +102,41 @@ func (l *Log) Subscribe(ctx context.Context, runID string, afterSeq uint64) (*Su
 	return s, nil
 }
 
+// Bounds of the wait in pump's polling loop.
+const (
+	minPollWait = 20 * time.Millisecond
+	maxPollWait = time.Second
+)
+
 // pump moves events from the consumer to the subscriber's channel until
 // the completed event, the end of ctx, or a failure.
+//
+// It polls with a bounded wait instead of blocking in Next, to work around
+// a race in nats.go's pull iterator (v1.56): Next asks for more messages
+// only when it is called, and skips the request while the previous one is
+// still being sent; when the messages of that request are all consumed
+// before the send returns (the in-process server answers at once), the
+// blocked Next never asks again and the stream stalls until the missing
+// heartbeat is noticed (10 s). Each timed-out Next re-runs the check. The
+// wait starts short after each event, when the race can strike, and grows
+// while the run is quiet so that idle subscribers cost little.
 func (l *Log) pump(ctx context.Context, runID string, last uint64, it jetstream.MessagesContext, out chan<- Event) error {
+	stop := context.AfterFunc(ctx, it.Stop) // wakes a waiting Next at once
+	defer stop()
+	wait := minPollWait
 	for {
-		msg, err := it.Next(jetstream.NextContext(ctx))
+		msg, err := it.Next(jetstream.NextMaxWait(wait))
+		if errors.Is(err, nats.ErrTimeout) && ctx.Err() == nil {
+			wait = min(2*wait, maxPollWait)
+			continue
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			return errcode.Wrap(errcode.EventLogFailed, err, "reading events of run %s", runID)
 		}
+		wait = minPollWait
 		ev, err := decode(runID, msg.Headers(), msg.Data())
 		if err != nil {
 			// Something other than a Log published on the run's subject;
