@@ -1,7 +1,9 @@
 // Package guestinit is hyphae-init, the PID 1 of every hyphae VM, as a
 // library: it mounts the pseudo filesystems (optionally under a writable
-// overlay root), reads the image's /etc/hyphae files and the kernel command
-// line, runs the program (or the dimension agent) as its only child while
+// overlay root), loads the kernel modules of a hyphae.modules drive and
+// applies a static ip= network configuration (for kernels whose NIC driver
+// is a module and that lack CONFIG_IP_PNP, such as Debian's), reads the
+// image's /etc/hyphae files and the kernel command line, runs the program (or the dimension agent) as its only child while
 // reaping every orphan, forwards termination signals to it, reports how it
 // ended on the console in one line and reboots.
 //
@@ -44,7 +46,8 @@ type Config struct {
 	Logger *slog.Logger
 	// MountFilesystems makes Run set up the running system as PID 1 does:
 	// the hyphae.overlay root switch, devtmpfs, proc, sysfs, cgroup2 and
-	// tmpfs on /run and /tmp. It needs Root "/".
+	// tmpfs on /run and /tmp, then the hyphae.modules kernel modules and
+	// the static network configuration of ip=. It needs Root "/".
 	MountFilesystems bool
 	// Halt ends the machine after the status line is printed. nil means
 	// Reboot. Boot never returns even if Halt does.
@@ -174,7 +177,34 @@ func prepare(cfg Config) (string, error) {
 	if err := ensureConsole(); err != nil {
 		return "", err
 	}
+	if err := prepareNetwork(cmdline, cfg.Logger); err != nil {
+		return "", err
+	}
 	return cmdline, nil
+}
+
+// prepareNetwork loads the hyphae.modules drivers and applies a static
+// ip= argument, before the program starts, so that it finds its network
+// up.
+func prepareNetwork(cmdline string, log *slog.Logger) error {
+	if dev, ok := guest.CmdlineValue(cmdline, guest.CmdlineModules); ok {
+		if err := loadModules(dev, log); err != nil {
+			return err
+		}
+	}
+	v, ok := guest.CmdlineValue(cmdline, cmdlineIP)
+	if !ok {
+		return nil
+	}
+	ipc, static, err := parseIPArg(v)
+	if err != nil {
+		return err
+	}
+	if !static {
+		log.Debug("ip= asks for no static configuration; leaving it to the kernel", "ip", v)
+		return nil
+	}
+	return configureNetwork(ipc, deviceWait, log)
 }
 
 // disableCtrlAltDel makes the kernel turn Ctrl-Alt-Del into SIGINT for

@@ -153,15 +153,35 @@ func (b bootResult) endedByReboot() bool {
 // each console line with init's host pid.
 func boot(t *testing.T, root, cmdline string, onLine func(line string, initPid int)) bootResult {
 	t.Helper()
+	return bootWith(t, root, cmdline, bootOptions{}, onLine)
+}
+
+// bootOptions extend a boot.
+type bootOptions struct {
+	// net gives the boot a fresh network namespace (holding only lo).
+	net bool
+	// setup is a shell command run inside the namespaces before init, e.g.
+	// to create the devices a test configures.
+	setup string
+}
+
+// bootWith is boot with options.
+func bootWith(t *testing.T, root, cmdline string, o bootOptions, onLine func(line string, initPid int)) bootResult {
+	t.Helper()
 	args := []string{"--pid", "--mount", "--fork", "--propagation", "private", "--kill-child"}
-	if cmdline == "" {
+	if o.net {
+		args = append(args, "--net")
+	}
+	if cmdline == "" && o.setup == "" {
 		args = append(args, "chroot", root, guest.InitPath)
 	} else {
-		f := filepath.Join(t.TempDir(), "cmdline")
-		writeFile(t, f, cmdline+"\n")
-		args = append(args, "sh", "-c",
-			`mount -t proc proc "$1/proc" && mount --bind "$2" "$1/proc/cmdline" && exec chroot "$1" "$3"`,
-			"sh", root, f, guest.InitPath)
+		script, f := `exec chroot "$1" "$3"`, ""
+		if cmdline != "" {
+			f = filepath.Join(t.TempDir(), "cmdline")
+			writeFile(t, f, cmdline+"\n")
+			script = `mount -t proc proc "$1/proc" && mount --bind "$2" "$1/proc/cmdline" && ` + script
+		}
+		args = append(args, "sh", "-c", withSetup(o.setup, script), "sh", root, f, guest.InitPath)
 	}
 	// The deadline only keeps a broken init from hanging the test run.
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -195,6 +215,14 @@ func boot(t *testing.T, root, cmdline string, onLine func(line string, initPid i
 	}
 	res.stderr, res.state = stderr.String(), cmd.ProcessState
 	return res
+}
+
+// withSetup runs setup, when there is one, before script.
+func withSetup(setup, script string) string {
+	if setup == "" {
+		return script
+	}
+	return "(" + setup + ") && " + script
 }
 
 // childOf returns the only child of pid: with --fork, unshare's child is

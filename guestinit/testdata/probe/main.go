@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -26,7 +27,7 @@ func main() {
 		return
 	}
 	if len(os.Args) < 2 {
-		fail("usage: probe report|exit N|kill9|orphans N|trap|write-root|read-root|spawn")
+		fail("usage: probe report|exit N|kill9|orphans N|trap|write-root|read-root|spawn|net")
 	}
 	switch os.Args[1] {
 	case "report":
@@ -48,6 +49,8 @@ func main() {
 		writeRoot()
 	case "read-root":
 		readRoot()
+	case "net":
+		netReport()
 	default:
 		fail("unknown mode " + os.Args[1])
 	}
@@ -204,4 +207,43 @@ func agent() {
 	say("agent.env.A", os.Getenv("A"))
 	wd, _ := os.Getwd()
 	say("agent.cwd", wd)
+}
+
+// netReport prints "probe: link.<name>=up|down <addr/len>..." per
+// interface and "probe: route.default=<gateway> dev <name>" from
+// /proc/net/route.
+func netReport() {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		fail(err.Error())
+	}
+	for _, ifc := range ifs {
+		state := "down"
+		if ifc.Flags&net.FlagUp != 0 {
+			state = "up"
+		}
+		addrs, _ := ifc.Addrs()
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil {
+				state += " " + ipn.String()
+			}
+		}
+		say("link."+ifc.Name, state)
+	}
+	b, err := os.ReadFile("/proc/net/route")
+	if err != nil {
+		fail(err.Error())
+	}
+	// Iface Destination Gateway Flags ...; addresses in little-endian hex.
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 3 || f[1] != "00000000" {
+			continue
+		}
+		gw, err := strconv.ParseUint(f[2], 16, 32)
+		if err != nil {
+			continue
+		}
+		say("route.default", fmt.Sprintf("%d.%d.%d.%d dev %s", gw&0xff, gw>>8&0xff, gw>>16&0xff, gw>>24, f[0]))
+	}
 }
