@@ -96,6 +96,24 @@ func args(spec vmm.Spec, l layout) []string {
 	return a
 }
 
+// guestDrivePath returns the device the guest sees the drive with that
+// id as, following args' order: the root drive is the first NVMe
+// controller, the others follow in spec order.
+func guestDrivePath(spec vmm.Spec, id string) (string, bool) {
+	n := 1
+	for _, d := range spec.Drives {
+		switch {
+		case d.ID == id && d.Root:
+			return "/dev/nvme0n1", true
+		case d.ID == id:
+			return fmt.Sprintf("/dev/nvme%dn1", n), true
+		case !d.Root:
+			n++
+		}
+	}
+	return "", false
+}
+
 // cmdline is the guest kernel command line: what the driver needs first,
 // the caller's boot args last so that they can override it.
 func cmdline(spec vmm.Spec, l layout) string {

@@ -145,3 +145,25 @@ func TestNVMeSerial(t *testing.T) {
 		t.Errorf("serial %q", got)
 	}
 }
+
+func TestGuestDrivePath(t *testing.T) {
+	spec := vmm.Spec{Drives: []vmm.Drive{
+		{ID: "data", Path: "/d"}, {ID: "root", Path: "/r", Root: true}, {ID: "modules", Path: "/m", ReadOnly: true},
+	}}
+	for id, want := range map[string]string{"root": "/dev/nvme0n1", "data": "/dev/nvme1n1", "modules": "/dev/nvme2n1", "none": ""} {
+		got, ok := guestDrivePath(spec, id)
+		if got != want || ok != (want != "") {
+			t.Errorf("guestDrivePath(%s) = %q, %v; want %q", id, got, ok, want)
+		}
+	}
+	// args puts the drives on the NVMe controllers in the same order.
+	var serials []string
+	for _, v := range pairs(args(spec, layout{accel: AccelTCG, rootFile: "/r", rootFormat: "raw"}))["-device"] {
+		if s, ok := strings.CutPrefix(v, "nvme,"); ok {
+			serials = append(serials, s[strings.Index(s, "serial=")+len("serial="):])
+		}
+	}
+	if !slices.Equal(serials, []string{"root", "data", "modules"}) {
+		t.Errorf("NVMe controllers in order %q", serials)
+	}
+}
