@@ -56,6 +56,10 @@ type Options struct {
 	// ScratchSize is the writable layer's size in bytes
 	// (DefaultScratchSize when zero).
 	ScratchSize int64
+	// Jail, when set, runs Firecracker under its jailer (see jail.go):
+	// the kernel, images and writable layer are staged into a chroot and
+	// Firecracker runs as an unprivileged user in its own cgroup.
+	Jail *JailOptions
 }
 
 // Machine is one Firecracker microVM. It implements vmm.Machine.
@@ -67,10 +71,17 @@ type Machine struct {
 	paths  ConfigOptions
 	dir    string
 	client *Client
+	// consolePath is where the guest console is logged.
+	consolePath string
+	// jail is set when Firecracker runs under the jailer.
+	jail *jailLayout
 
-	mu        sync.Mutex
-	proc      *vmmproc.Process
-	startedAt time.Time
+	mu   sync.Mutex
+	proc *vmmproc.Process
+	// jailCgroups are the cgroups the jailer makes for this VM, removed
+	// with it.
+	jailCgroups []string
+	startedAt   time.Time
 	// began is set once Start has run (successfully or not): a Machine
 	// boots once.
 	began   bool
@@ -117,19 +128,33 @@ func New(spec vmm.Spec, opts Options) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, s := range []string{apiSocketName, vsockSocketName} {
-		if err := vmmproc.CheckSocketPath(filepath.Join(dir, s)); err != nil {
+	socket, consolePath := filepath.Join(dir, apiSocketName), filepath.Join(dir, consoleName)
+	var jail *jailLayout
+	if opts.Jail != nil {
+		if jail, cfg, err = newJail(spec, &opts); err != nil {
+			return nil, err
+		}
+		paths = ConfigOptions{ScratchPath: jail.host(jailScratch), VsockPath: jail.host(jailVsock), LogPath: jail.host(jailLog)}
+		socket = jail.host(jailAPISocket)
+		if !jail.opts.NoDaemonize {
+			consolePath = jail.host(jailConsole)
+		}
+	}
+	for _, s := range []string{socket, paths.VsockPath} {
+		if err := vmmproc.CheckSocketPath(s); err != nil {
 			return nil, err
 		}
 	}
 	return &Machine{
-		spec:   spec,
-		opts:   opts,
-		log:    log.With("vm", spec.ID, "driver", vmm.Firecracker),
-		cfg:    cfg,
-		paths:  paths,
-		dir:    dir,
-		client: NewClient(filepath.Join(dir, apiSocketName), 0),
+		spec:        spec,
+		opts:        opts,
+		log:         log.With("vm", spec.ID, "driver", vmm.Firecracker),
+		cfg:         cfg,
+		paths:       paths,
+		dir:         dir,
+		client:      NewClient(socket, 0),
+		consolePath: consolePath,
+		jail:        jail,
 	}, nil
 }
 
@@ -173,40 +198,17 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 	}
 	// Leftovers of an earlier VM of the same id are not ours to reuse:
 	// its writable layer holds its writes, its logs are not ours.
-	for _, f := range []string{scratchName, logName, configName, consoleName} {
+	for _, f := range []string{scratchName, logName, configName, consoleName, jailerLogName} {
 		if err := os.Remove(filepath.Join(m.dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return errcode.Wrap(errcode.SpawnFailed, err, "removing a leftover %s", f)
 		}
 	}
 	begin := time.Now()
-	if err := makeScratch(ctx, m.paths.ScratchPath, m.opts.ScratchSize); err != nil {
-		return err
+	spawn := m.spawn
+	if m.jail != nil {
+		spawn = m.spawnJailed
 	}
-	m.log.Debug("writable layer ready", "path", m.paths.ScratchPath, "took", time.Since(begin))
-	// Firecracker opens its log file without creating it.
-	if err := os.WriteFile(m.paths.LogPath, nil, 0o600); err != nil {
-		return errcode.Wrap(errcode.SpawnFailed, err, "creating the Firecracker log")
-	}
-
-	args := []string{"--api-sock", m.client.socket, "--id", m.spec.ID}
-	if m.opts.UseConfigFile {
-		path := filepath.Join(m.dir, configName)
-		doc, err := json.MarshalIndent(m.cfg, "", "  ")
-		if err != nil {
-			return errcode.Wrap(errcode.SpawnFailed, err, "encoding the Firecracker config")
-		}
-		if err := os.WriteFile(path, doc, 0o600); err != nil {
-			return errcode.Wrap(errcode.SpawnFailed, err, "writing the Firecracker config")
-		}
-		args = append(args, "--config-file", path)
-	}
-	proc, err := vmmproc.Start(vmmproc.Config{
-		Binary:  m.opts.Binary,
-		Args:    args,
-		Dir:     m.dir,
-		LogPath: filepath.Join(m.dir, consoleName),
-		Logger:  m.log,
-	})
+	proc, err := spawn(ctx)
 	if err != nil {
 		return err
 	}
@@ -237,6 +239,12 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 				info.State, proc.LogTail(2048))
 		}
 	} else {
+		if m.jail != nil && !m.jail.opts.NoDaemonize {
+			// Firecracker's stdout is /dev/null under --daemonize.
+			if err := m.client.Put(sctx, "/serial", serialDevice{SerialOutPath: jailConsole}); err != nil {
+				return err
+			}
+		}
 		if err := m.client.Configure(sctx, m.cfg); err != nil {
 			return err
 		}
@@ -249,6 +257,40 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 	m.mu.Unlock()
 	m.log.Info("guest started", "took", time.Since(begin))
 	return nil
+}
+
+// spawn makes the writable layer and Firecracker's log in the runtime
+// directory and starts firecracker there.
+func (m *Machine) spawn(ctx context.Context) (*vmmproc.Process, error) {
+	begin := time.Now()
+	if err := makeScratch(ctx, m.paths.ScratchPath, m.opts.ScratchSize); err != nil {
+		return nil, err
+	}
+	m.log.Debug("writable layer ready", "path", m.paths.ScratchPath, "took", time.Since(begin))
+	// Firecracker opens its log file without creating it.
+	if err := os.WriteFile(m.paths.LogPath, nil, 0o600); err != nil {
+		return nil, errcode.Wrap(errcode.SpawnFailed, err, "creating the Firecracker log")
+	}
+
+	args := []string{"--api-sock", m.client.socket, "--id", m.spec.ID}
+	if m.opts.UseConfigFile {
+		path := filepath.Join(m.dir, configName)
+		doc, err := json.MarshalIndent(m.cfg, "", "  ")
+		if err != nil {
+			return nil, errcode.Wrap(errcode.SpawnFailed, err, "encoding the Firecracker config")
+		}
+		if err := os.WriteFile(path, doc, 0o600); err != nil {
+			return nil, errcode.Wrap(errcode.SpawnFailed, err, "writing the Firecracker config")
+		}
+		args = append(args, "--config-file", path)
+	}
+	return vmmproc.Start(vmmproc.Config{
+		Binary:  m.opts.Binary,
+		Args:    args,
+		Dir:     m.dir,
+		LogPath: m.consolePath,
+		Logger:  m.log,
+	})
 }
 
 // describe calls GET / until it succeeds, the process exits or ctx ends.
@@ -278,7 +320,9 @@ func (m *Machine) process() *vmmproc.Process {
 	return m.proc
 }
 
-// Wait blocks until firecracker exits or ctx ends.
+// Wait blocks until firecracker exits or ctx ends. Under the jailer
+// Firecracker is not hyphae's child, so its exit status is not known and
+// Wait returns nil once it has exited.
 func (m *Machine) Wait(ctx context.Context) error {
 	p := m.process()
 	if p == nil {
@@ -327,7 +371,7 @@ func killAndReap(p *vmmproc.Process) error {
 
 // Console opens the console log (the guest's serial port) from its start.
 func (m *Machine) Console() (io.ReadCloser, error) {
-	f, err := os.Open(filepath.Join(m.dir, consoleName))
+	f, err := os.Open(m.consolePath)
 	if err != nil {
 		return nil, errcode.Wrap(errcode.VMNotFound, err, "console log of %s", m.spec.ID)
 	}
@@ -382,7 +426,7 @@ func (m *Machine) Info() vmm.Info {
 		State:       vmm.StateCreated,
 		StartedAt:   m.startedAt,
 		RuntimeDir:  m.dir,
-		ConsolePath: filepath.Join(m.dir, consoleName),
+		ConsolePath: m.consolePath,
 		Spec:        m.spec,
 	}
 	if m.proc != nil {
@@ -396,7 +440,8 @@ func (m *Machine) Info() vmm.Info {
 }
 
 // Cleanup kills firecracker if it still runs and removes the runtime
-// directory with the writable layer, sockets and logs. It is idempotent.
+// directory with the writable layer, sockets and logs, and under the jailer
+// the jail and the VM's cgroups. It is idempotent.
 func (m *Machine) Cleanup() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -412,5 +457,11 @@ func (m *Machine) teardownLocked() error {
 	}
 	m.client.Close()
 	errs = append(errs, vmmproc.RemoveDir(m.dir))
+	if m.jail != nil {
+		if m.proc != nil {
+			m.proc.Release()
+		}
+		errs = append(errs, m.jail.remove(m.jailCgroups))
+	}
 	return errors.Join(errs...)
 }

@@ -1,14 +1,15 @@
 // Command standin is a Firecracker stand-in for tests, built as
 // "firecracker-standin". It is not a VMM: it boots nothing. It accepts
-// Firecracker's command line (--api-sock, --id, --config-file, values as
-// separate arguments), serves the API socket per Firecracker's own API
+// Firecracker's command line (--api-sock, --id, --config-file and the
+// jailer's --start-time-us, --start-time-cpu-us, --parent-cpu-time-us; values
+// as separate arguments), serves the API socket per Firecracker's own API
 // description (request bodies validated against it, 400 with a
 // fault_message on bad input), binds the vsock socket when the vsock device
 // is configured, answers "CONNECT <port>\n" with "OK <n>\n" once the
 // "guest" has started and listens on the channel port named by
 // hyphae.channel= in the boot arguments (then echoes bytes back), writes a
-// console to its stdout, and exits when sent SendCtrlAltDel, as
-// Firecracker does for a guest booted with reboot=k.
+// console to its stdout (or to the file PUT /serial names), and exits when
+// sent SendCtrlAltDel, as Firecracker does for a guest booted with reboot=k.
 //
 // Misbehaviour for tests of deadlines and stop escalation, from the
 // environment (the driver passes its environment on):
@@ -61,6 +62,10 @@ func parseArgs(argv []string) (args, error) {
 			dst = &a.id
 		case "--config-file":
 			dst = &a.configFile
+		case "--start-time-us", "--start-time-cpu-us", "--parent-cpu-time-us":
+			// Passed by the jailer; only used for Firecracker's metrics.
+			var ignored string
+			dst = &ignored
 		default:
 			if strings.Contains(flag, "=") {
 				return a, fmt.Errorf("found argument %q which wasn't expected (values must be separate arguments)", flag)
@@ -311,6 +316,19 @@ func (m *machine) apply(path string, body []byte) error {
 		}
 		m.vsock, m.vsockLn = &v, ln
 		go m.serveVsock(ln)
+	case "serial":
+		// Firecracker (v1.14+) writes the guest console to this file
+		// instead of its stdout, which the jailer's --daemonize points
+		// at /dev/null.
+		var sd struct {
+			SerialOutPath string `json:"serial_out_path"`
+		}
+		_ = json.Unmarshal(body, &sd)
+		f, err := os.OpenFile(sd.SerialOutPath, os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			return fault("Failed to open the serial output file: %v", err)
+		}
+		m.console = f
 	case "logger":
 		var l struct {
 			LogPath string `json:"log_path"`
