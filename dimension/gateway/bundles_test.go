@@ -1,0 +1,232 @@
+package gateway
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hyphae-run/hyphae/dimension/store"
+	"github.com/hyphae-run/hyphae/registry"
+)
+
+// waitJob polls an upload job until it is finished.
+func (e *env) waitJob(key, id string) store.BundleJob {
+	e.t.Helper()
+	ctx, cancel := contextWithTestTimeout()
+	defer cancel()
+	for {
+		var j store.BundleJob
+		e.do("GET", "/bundles/jobs/"+id, key, nil).ok(e.t, http.StatusOK, &j)
+		if j.Status.Final() {
+			return j
+		}
+		select {
+		case <-ctx.Done():
+			e.t.Fatalf("job %s still %s (%s)", id, j.Status, j.Stage)
+		case <-tick():
+		}
+	}
+}
+
+// The upload flow end to end: a docker save archive holding the static
+// echo-go is imported with the agent by a job, becomes the caller's
+// bundle, and runs.
+func TestUploadBundle(t *testing.T) {
+	e := newEnv(t, envOptions{freshRegistry: true})
+	u, key := e.newUser("mona")
+	_, keyB := e.newUser("ned")
+	r := e.postMultipart("/bundles/upload", key,
+		map[string]string{"name": "echo", "tag": "v1", "manifest": `{"processing_timeout_secs":20}`},
+		map[string]string{"image": fx.echoArchive})
+	var acc jobAccepted
+	r.ok(t, http.StatusAccepted, &acc)
+	if acc.Status != store.JobQueued || acc.JobURL != "/bundles/jobs/"+acc.JobID {
+		t.Fatalf("accepted %+v", acc)
+	}
+	// Another user cannot see the job.
+	e.do("GET", "/bundles/jobs/"+acc.JobID, keyB, nil).apiError(t, http.StatusNotFound, CodeNotFound)
+	j := e.waitJob(key, acc.JobID)
+	if j.Status != store.JobSucceeded || j.BundleID == "" || j.Stage != stageDone || j.Error != "" {
+		t.Fatalf("job %+v", j)
+	}
+	var b store.Bundle
+	e.do("GET", "/bundles/"+j.BundleID, key, nil).ok(t, http.StatusOK, &b)
+	if b.Ref() != "echo:v1" || b.Owner != u.ID || b.Manifest.ProcessingTimeoutSecs != 20 || b.SizeBytes <= 0 {
+		t.Fatalf("bundle %+v", b)
+	}
+	// The image is in the registry under the owner's namespace.
+	if _, err := os.Stat(e.reg.ImagePath(b.ImageDigest)); err != nil {
+		t.Fatalf("image file: %v", err)
+	}
+	var res runResult
+	e.do("POST", "/run", key, map[string]any{"bundle_id": "echo:v1", "payload": map[string]int{"n": 1}}).ok(t, http.StatusOK, &res)
+	if res.Stdout != `{"n":1}` || res.ExitCode != 0 {
+		t.Fatalf("run of the uploaded bundle: %+v", res)
+	}
+	// The spooled archive is gone.
+	assertEmptyDir(t, e.srv.opts.UploadDir)
+}
+
+func assertEmptyDir(t *testing.T, dir string) {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 0 {
+		t.Fatalf("%s holds %d entries, first %s", dir, len(entries), entries[0].Name())
+	}
+}
+
+func TestUploadRefusals(t *testing.T) {
+	e := newEnv(t, envOptions{freshRegistry: true, maxUpload: 64 << 10})
+	_, key := e.newUser("olga")
+	junk := filepath.Join(t.TempDir(), "junk.tar")
+	if err := os.WriteFile(junk, []byte(strings.Repeat("not a tar archive ", 100)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	big := filepath.Join(t.TempDir(), "big.tar")
+	if err := os.WriteFile(big, make([]byte, 128<<10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	empty := filepath.Join(t.TempDir(), "empty.tar")
+	if err := os.WriteFile(empty, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		fields map[string]string
+		files  map[string]string
+		status int
+		code   string
+	}{
+		{"no name", nil, map[string]string{"image": junk}, 422, CodeValidation},
+		{"bad name", map[string]string{"name": "Bad!"}, map[string]string{"image": junk}, 422, CodeValidation},
+		{"bad tag", map[string]string{"name": "x", "tag": "-x"}, map[string]string{"image": junk}, 422, CodeValidation},
+		{"bad manifest", map[string]string{"name": "x", "manifest": `{"vcpus":"many"}`}, map[string]string{"image": junk}, 422, CodeValidation},
+		{"unknown manifest field", map[string]string{"name": "x", "manifest": `{"cpus":1}`}, map[string]string{"image": junk}, 422, CodeValidation},
+		{"unknown field", map[string]string{"name": "x", "colour": "red"}, map[string]string{"image": junk}, 422, CodeValidation},
+		{"no file", map[string]string{"name": "x"}, nil, 422, CodeValidation},
+		{"empty file", map[string]string{"name": "x"}, map[string]string{"image": empty}, 422, CodeValidation},
+		{"wrong file field", map[string]string{"name": "x"}, map[string]string{"file": junk}, 422, CodeValidation},
+		{"over the cap", map[string]string{"name": "x"}, map[string]string{"image": big}, 413, CodePayloadTooLarge},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e.postMultipart("/bundles/upload", key, tt.fields, tt.files).apiError(t, tt.status, tt.code)
+			assertEmptyDir(t, e.srv.opts.UploadDir)
+		})
+	}
+	// A malformed archive is accepted, and its job fails with the reason.
+	var acc jobAccepted
+	e.postMultipart("/bundles/upload", key, map[string]string{"name": "junk"}, map[string]string{"image": junk}).
+		ok(t, http.StatusAccepted, &acc)
+	j := e.waitJob(key, acc.JobID)
+	if j.Status != store.JobFailed || !strings.Contains(j.Error, "E405") || j.BundleID != "" {
+		t.Fatalf("job %+v", j)
+	}
+	var list struct{ Bundles []store.Bundle }
+	e.do("GET", "/bundles", key, nil).ok(t, http.StatusOK, &list)
+	if len(list.Bundles) != 0 {
+		t.Fatalf("a failed import left bundles %v", list.Bundles)
+	}
+	assertEmptyDir(t, e.srv.opts.UploadDir)
+}
+
+// Push registers a ready ext4 (here the fixture's echo image, which holds
+// the agent) by its sha256, and it runs.
+func TestPushBundle(t *testing.T) {
+	e := newEnv(t, envOptions{freshRegistry: true})
+	u, key := e.newUser("pete")
+	src := filepath.Join(fx.regHome, registry.ImagesDir, strings.Replace(fx.echoDigest, ":", "-", 1)+".ext4")
+	r := e.postMultipart("/bundles/push", key, map[string]string{"name": "pushed", "tag": "t1", "manifest": `{"memory_mib":256}`},
+		map[string]string{"file": src})
+	var b store.Bundle
+	r.ok(t, http.StatusCreated, &b)
+	sum := fileSHA256(t, src)
+	if b.ImageDigest != sum || b.Owner != u.ID || b.Ref() != "pushed:t1" || b.Manifest.MemoryMiB != 256 {
+		t.Fatalf("pushed %+v (file %s)", b, sum)
+	}
+	img, err := e.reg.ImageByDigest(context.Background(), sum)
+	if err != nil || img.Source != "push" {
+		t.Fatalf("registry image %+v: %v", img, err)
+	}
+	if got := fileSHA256(t, e.reg.ImagePath(sum)); got != sum {
+		t.Fatalf("stored file hashes to %s", got)
+	}
+	var res runResult
+	e.do("POST", "/run", key, map[string]any{"bundle_id": "pushed:t1", "payload": "x"}).ok(t, http.StatusOK, &res)
+	if res.Stdout != `"x"` {
+		t.Fatalf("run of the pushed bundle: %+v", res)
+	}
+	// Pushing the same file again (another tag) deduplicates.
+	e.postMultipart("/bundles/push", key, map[string]string{"name": "pushed", "tag": "t2"}, map[string]string{"file": src}).
+		ok(t, http.StatusCreated, nil)
+
+	// Not an ext4: refused, nothing left in the images directory.
+	junk := filepath.Join(t.TempDir(), "junk.ext4")
+	if err := os.WriteFile(junk, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.postMultipart("/bundles/push", key, map[string]string{"name": "junk"}, map[string]string{"file": junk}).
+		apiError(t, http.StatusUnprocessableEntity, CodeValidation)
+	entries, _ := os.ReadDir(e.reg.ImagesDir())
+	for _, en := range entries {
+		if strings.HasPrefix(en.Name(), registry.TempPrefix) {
+			t.Fatalf("leftover %s", en.Name())
+		}
+	}
+	if len(entries) != 1 {
+		t.Fatalf("images dir holds %d files", len(entries))
+	}
+}
+
+func fileSHA256(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
+
+func TestListGetDeleteBundles(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	u, key := e.newUser("quinn")
+	b1 := e.seedBundle(u.ID, "zeta", fx.echoDigest, store.Manifest{})
+	b2 := e.seedBundle(u.ID, "alpha", fx.bundleDigest, store.Manifest{VCPUs: 2})
+	var list struct{ Bundles []store.Bundle }
+	e.do("GET", "/bundles", key, nil).ok(t, http.StatusOK, &list)
+	if len(list.Bundles) != 2 || list.Bundles[0].ID != b2.ID || list.Bundles[1].ID != b1.ID {
+		t.Fatalf("list %+v", list.Bundles)
+	}
+	for _, ref := range []string{b2.ID, "alpha", "alpha:latest"} {
+		var b store.Bundle
+		e.do("GET", "/bundles/"+ref, key, nil).ok(t, http.StatusOK, &b)
+		if b.ID != b2.ID || b.Manifest.VCPUs != 2 {
+			t.Fatalf("get %s: %+v", ref, b)
+		}
+	}
+	var del store.Bundle
+	e.do("DELETE", "/bundles/alpha", key, nil).ok(t, http.StatusOK, &del)
+	if del.ID != b2.ID {
+		t.Fatalf("deleted %+v", del)
+	}
+	e.do("GET", "/bundles/alpha", key, nil).apiError(t, http.StatusNotFound, CodeNotFound)
+	e.do("POST", "/run", key, map[string]string{"bundle_id": "alpha"}).apiError(t, http.StatusNotFound, CodeNotFound)
+	// The image stays: another bundle may use it.
+	if _, err := os.Stat(e.reg.ImagePath(fx.bundleDigest)); err != nil {
+		t.Fatal(err)
+	}
+}
