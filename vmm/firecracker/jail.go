@@ -900,3 +900,30 @@ func wrapHint(code errcode.Code, err error, hint, format string, args ...any) er
 	e := &errcode.Error{Code: code, Message: fmt.Sprintf(format, args...), Err: err}
 	return e.WithHint(hint)
 }
+
+// CheckChrootBase reports whether jails can live under dir (the nearest
+// existing ancestor is checked when dir does not exist yet): the jailer
+// creates /dev/kvm and /dev/net/tun inside each jail, which do not work on
+// a filesystem mounted nodev, and hard links need the images on the same
+// filesystem (else they are copied). For `hyphae check`.
+func CheckChrootBase(dir string) error {
+	if dir == "" {
+		dir = DefaultChrootBaseDir
+	}
+	p := filepath.Clean(dir)
+	for {
+		if _, err := os.Stat(p); err == nil || p == "/" {
+			break
+		}
+		p = filepath.Dir(p)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(p, &st); err != nil {
+		return errcode.Wrap(errcode.JailFailed, err, "checking the chroot base %s", dir)
+	}
+	if st.Flags&unix.ST_NODEV != 0 {
+		return errcode.New(errcode.JailFailed, "the chroot base %s is on a filesystem mounted nodev (at %s): the jail's /dev/kvm would not open", dir, p).
+			WithHint("choose a chroot base on a filesystem mounted without nodev")
+	}
+	return nil
+}

@@ -779,3 +779,26 @@ func TestRealJailer(t *testing.T) {
 		t.Errorf("jail left behind: %v", err)
 	}
 }
+
+func TestCheckChrootBase(t *testing.T) {
+	testenv.RequiresRoot(t)
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil || st.Flags&unix.ST_NODEV != 0 {
+		testenv.Unavailable(t, "the temporary directory is on a nodev filesystem")
+	}
+	if err := CheckChrootBase(filepath.Join(dir, "not", "yet")); err != nil {
+		t.Errorf("base on %s: %v", dir, err)
+	}
+	nodev := filepath.Join(dir, "nodev")
+	if err := os.Mkdir(nodev, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", nodev, "tmpfs", unix.MS_NODEV, "size=1m"); err != nil {
+		testenv.Unavailable(t, "cannot mount a tmpfs: "+err.Error())
+	}
+	t.Cleanup(func() { _ = unix.Unmount(nodev, unix.MNT_DETACH) })
+	if err := CheckChrootBase(filepath.Join(nodev, "jails")); !errcode.HasCode(err, errcode.JailFailed) {
+		t.Errorf("nodev base: %v, want JailFailed", err)
+	}
+}
