@@ -98,7 +98,9 @@ func configureNetwork(cfg ipConfig, wait time.Duration, log *slog.Logger) error 
 	fail := func(err error, format string, args ...any) error {
 		return errcode.Wrap(errcode.InitFatal, err, "%s=: %s", cmdlineIP, fmt.Sprintf(format, args...))
 	}
-	h, err := netlink.NewHandle()
+	// Only rtnetlink: NewHandle() with no families also opens XFRM and
+	// netfilter sockets, which a guest kernel may lack.
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fail(err, "cannot open a netlink socket")
 	}

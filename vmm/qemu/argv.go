@@ -84,7 +84,9 @@ func args(spec vmm.Spec, l layout) []string {
 	}
 	for i, nic := range spec.Network {
 		id := fmt.Sprintf("net%d", i)
-		dev := "virtio-net-pci,netdev=" + id
+		// Modern virtio only: microvm's PCIe root has no I/O port window
+		// for the legacy BAR. No option ROM: nothing runs firmware here.
+		dev := "virtio-net-pci,netdev=" + id + ",disable-legacy=on,romfile="
 		if nic.MAC != "" {
 			dev += ",mac=" + nic.MAC
 		}

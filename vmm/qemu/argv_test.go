@@ -53,7 +53,7 @@ func TestArgs(t *testing.T) {
 					"file=/img/data,,1.ext4,if=none,id=drive1,format=raw,readonly=on",
 				},
 				"-device": {"isa-serial,chardev=ch0", "i8042", "nvme,drive=drive0,serial=root", "nvme,drive=drive1,serial=data",
-					"virtio-net-pci,netdev=net0,mac=06:00:ac:10:00:02"},
+					"virtio-net-pci,netdev=net0,disable-legacy=on,romfile=,mac=06:00:ac:10:00:02"},
 				"-chardev": {"socket,id=ch0,path=/run/vm1/channel.sock,server=on,wait=off"},
 				"-qmp":     {"unix:/run/vm1/qmp.sock,server=on,wait=off"},
 				"-netdev":  {"tap,id=net0,ifname=hy-tap0,script=no,downscript=no"},
@@ -86,7 +86,7 @@ func TestArgs(t *testing.T) {
 			spec: func(s vmm.Spec) vmm.Spec { s.VsockCID = 7; return s },
 			lay:  func(l layout) layout { l.vsock = true; return l },
 			want: map[string][]string{"-device": {"isa-serial,chardev=ch0", "i8042", "nvme,drive=drive0,serial=root",
-				"nvme,drive=drive1,serial=data", "virtio-net-pci,netdev=net0,mac=06:00:ac:10:00:02", "vhost-vsock-pci,guest-cid=7"}},
+				"nvme,drive=drive1,serial=data", "virtio-net-pci,netdev=net0,disable-legacy=on,romfile=,mac=06:00:ac:10:00:02", "vhost-vsock-pci,guest-cid=7"}},
 		},
 	}
 	for _, tt := range tests {
