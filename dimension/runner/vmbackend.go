@@ -127,7 +127,7 @@ func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error)
 		ChannelPort: vmm.DefaultChannelPort,
 		RuntimeDir:  dir,
 	}
-	log := b.log.With("run", req.RunID, "vm", id)
+	log := b.log.With("run", req.RunID)
 	var m vmm.Machine
 	switch b.choice.Driver {
 	case vmm.QEMU:
@@ -152,7 +152,7 @@ func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error)
 		}
 		return nil, errcode.Wrap(errcode.BootFailed, err, "run %s: vm %s did not become ready; its console ends:\n%s", req.RunID, id, tail)
 	}
-	log.Info("booting vm", "driver", b.choice.Driver, "accel", b.choice.Accel, "image", req.ImagePath)
+	log.Info("booting vm", "vm", id, "driver", b.choice.Driver, "accel", b.choice.Accel, "image", req.ImagePath)
 	if err := m.Start(ctx); err != nil {
 		return fail(err)
 	}
