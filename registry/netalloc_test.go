@@ -31,7 +31,7 @@ func TestNetAllocations(t *testing.T) {
 		{op: "alloc", vm: "c", max: 3, want: 2},
 		{op: "alloc", vm: "d", max: 3, code: errcode.PoolExhausted},
 		{op: "release", vm: "b"},
-		{op: "release", vm: "b"}, // releasing twice is fine
+		{op: "release", vm: "b"},                // releasing twice is fine
 		{op: "alloc", vm: "d", max: 3, want: 1}, // the lowest free index
 		{op: "release", vm: "a"},
 		{op: "alloc", vm: "e", max: 3, want: 0},
