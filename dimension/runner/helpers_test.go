@@ -344,3 +344,5 @@ func forge(c net.Conn) {
 	_ = w.WriteEnvelope(&pb.Envelope{Payload: &pb.Envelope_Done{Done: &pb.Done{Success: true}}})
 	_, _ = io.Copy(io.Discard, c)
 }
+
+func testLoggerDiscard() *slog.Logger { return slog.New(slog.DiscardHandler) }
