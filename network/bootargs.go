@@ -19,8 +19,8 @@ const GuestDevice = "eth0"
 // and, when dns is not empty, the guest.CmdlineDNS token
 // ("hyphae.dns=1.1.1.1,8.8.8.8") from which hyphae-init writes
 // /etc/resolv.conf. Kernels built with CONFIG_IP_PNP
-// apply ip= themselves; for kernels without it (Debian's), hyphae-init can
-// read the same token. The first two DNS servers also go into ip= so such
+// apply ip= themselves; for kernels without it (Debian's), hyphae-init
+// applies its static form with netlink. The first two DNS servers also go into ip= so such
 // kernels expose them in /proc/net/pnp.
 func GuestBootArgs(l Lease, dns []netip.Addr) string {
 	mask := net.IP(net.CIDRMask(l.Subnet.Bits(), 32)).String()

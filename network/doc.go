@@ -15,6 +15,9 @@
 //
 // GuestBootArgs gives the kernel "ip=" argument and the guest.CmdlineDNS
 // token ("hyphae.dns=a,b") from which hyphae-init writes /etc/resolv.conf.
+// hyphae-init applies ip= itself on kernels without CONFIG_IP_PNP; for
+// QEMU, qemu.AddNetwork also hands the guest the NIC driver modules such
+// kernels need.
 //
 // # Rules
 //
