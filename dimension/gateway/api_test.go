@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/hyphae-run/hyphae/dimension/runner"
+	"github.com/hyphae-run/hyphae/dimension/store"
 	"github.com/hyphae-run/hyphae/errcode"
 )
 
@@ -128,4 +129,10 @@ func TestHealth(t *testing.T) {
 	if err := json.Unmarshal(raw, &d); err != nil || d.Status != "draining" {
 		t.Fatalf("draining health details %s", raw)
 	}
+	// New work is refused while draining.
+	u, key := e.newUser("rita")
+	e.seedBundle(u.ID, "echo", fx.echoDigest, store.Manifest{})
+	e.do("POST", "/run", key, map[string]string{"bundle_id": "echo"}).apiError(t, http.StatusServiceUnavailable, CodeServiceUnavailable)
+	e.postMultipart("/bundles/upload", key, map[string]string{"name": "x"}, map[string]string{"image": fx.echoArchive}).
+		apiError(t, http.StatusServiceUnavailable, CodeServiceUnavailable)
 }
