@@ -3,7 +3,7 @@
 //
 //	{"mode":"echo"}                      like examples/echo-go
 //	{"mode":"sleep"}                     event "sleeping", then wait for SIGTERM; exit 42
-//	{"mode":"gate","gate":"/path"}       events tick 1..3, wait for the file, ticks 4..6
+//	{"mode":"gate","gate":"/path","n":N} events tick 1..3, wait for the file, ticks 4..3+N (N: 3 when 0)
 //	{"mode":"flood","n":N}               N "tick" events as fast as the log takes them
 //	{"mode":"exit","code":N}             exit with N at once
 package main
@@ -74,7 +74,10 @@ func main() {
 			case <-time.After(10 * time.Millisecond):
 			}
 		}
-		for i := 4; i <= 6; i++ {
+		if p.N <= 0 {
+			p.N = 3
+		}
+		for i := 4; i <= 3+p.N; i++ {
 			send("tick", i)
 		}
 	case "flood":
