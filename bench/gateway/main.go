@@ -51,7 +51,7 @@ import (
 
 type flags struct {
 	runs, concurrency, latencyRuns, subscribers, events, concurrentRuns int
-	timeout                                                            time.Duration
+	timeout                                                             time.Duration
 }
 
 func main() {
