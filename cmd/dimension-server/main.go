@@ -72,11 +72,11 @@ func version() string {
 		return "dev"
 	}
 	v := bi.Main.Version
+	if v == "" || v == "(devel)" {
+		v = "devel"
+	}
 	for _, s := range bi.Settings {
 		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-			if v == "" || v == "(devel)" {
-				v = "devel"
-			}
 			v += "+" + s.Value[:12]
 		}
 	}

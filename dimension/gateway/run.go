@@ -90,7 +90,7 @@ func Run(ctx context.Context, cfg Config, o RunOptions) error {
 	if err := bootstrap(ctx, st, o.Stderr, log); err != nil {
 		return err
 	}
-	evlog, err := events.Open(ctx, events.Options{URL: cfg.NATSURL, StoreDir: filepath.Join(cfg.DataDir, natsDir), Logger: log.With("component", "events")})
+	evlog, err := events.Open(ctx, events.Options{URL: cfg.NATSURL, StoreDir: filepath.Join(cfg.DataDir, natsDir), Logger: log})
 	if err != nil {
 		return err
 	}

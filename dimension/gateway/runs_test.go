@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/hyphae-run/hyphae/dimension/events"
@@ -70,10 +71,26 @@ func TestAsyncRunEvents(t *testing.T) {
 	id := e.startRun(key, "echo", map[string]string{"msg": "async"})
 	evs := e.openStream(key, id, "").rest(t)
 
-	want := []string{"state:started", "state:payload_delivered", "progress", "progress", "progress", "result",
-		"stderr", "stdout-final", "state:process_exited", "state:completed"}
-	if got := kindsOf(evs); !reflect.DeepEqual(got, want) {
-		t.Fatalf("events %v\nwant %v", got, want)
+	// The bundle's events and its stderr travel on different channels
+	// (the events socket, the stderr pipe), so the agent relays each in
+	// order but may interleave the two; everything else is fixed.
+	got := kindsOf(evs)
+	var bundleEvents, rest []string
+	for _, k := range got {
+		if k == "progress" || k == "result" {
+			bundleEvents = append(bundleEvents, k)
+		} else {
+			rest = append(rest, k)
+		}
+	}
+	if !reflect.DeepEqual(bundleEvents, []string{"progress", "progress", "progress", "result"}) ||
+		!reflect.DeepEqual(rest, []string{"state:started", "state:payload_delivered", "stderr", "stdout-final", "state:process_exited", "state:completed"}) ||
+		got[0] != "state:started" || got[1] != "state:payload_delivered" {
+		t.Fatalf("events %v", got)
+	}
+	byKind := map[string]events.Event{}
+	for _, ev := range evs {
+		byKind[ev.Kind] = ev
 	}
 	for i, ev := range evs {
 		if ev.Seq != uint64(i+1) || ev.RunID != id || ev.UserID != u.ID || ev.BundleID != b.ID || ev.WorkerID != "test-worker" {
@@ -86,11 +103,14 @@ func TestAsyncRunEvents(t *testing.T) {
 	var result struct {
 		Echo map[string]string `json:"echo"`
 	}
-	if err := json.Unmarshal(evs[5].Body, &result); err != nil || result.Echo["msg"] != "async" {
-		t.Fatalf("result body %s", evs[5].Body)
+	if err := json.Unmarshal(byKind["result"].Body, &result); err != nil || result.Echo["msg"] != "async" {
+		t.Fatalf("result body %s", byKind["result"].Body)
 	}
-	if string(evs[7].Body) != `{"msg":"async"}` {
-		t.Fatalf("stdout-final %q", evs[7].Body)
+	if string(byKind["stdout-final"].Body) != `{"msg":"async"}` {
+		t.Fatalf("stdout-final %q", byKind["stdout-final"].Body)
+	}
+	if !strings.HasPrefix(string(byKind["stderr"].Body), "echo-go: echoed") {
+		t.Fatalf("stderr %q", byKind["stderr"].Body)
 	}
 	if c := completedOf(t, evs); c.Status != runner.StatusCompleted || c.ExitCode != 0 {
 		t.Fatalf("completed %+v", c)
