@@ -308,14 +308,11 @@ func (x *execution) teardown() {
 	}
 }
 
-// finish appends the completed event and the row's final status.
+// finish writes the row's final status, then appends the completed event:
+// in that order, so that a client that has seen `completed` on the stream
+// and then reads GET /invocations/{id} finds the final status there.
 func (x *execution) finish() {
 	x.out.DurationMs = time.Since(x.began).Milliseconds()
-	body := map[string]any{"status": x.out.Status, "exit_code": x.out.ExitCode, "duration_ms": x.out.DurationMs}
-	if x.out.Reason != "" {
-		body["reason"] = x.out.Reason
-	}
-	x.state(PhaseCompleted, body, nil)
 	now, dur := time.Now(), x.out.DurationMs
 	u := store.InvocationUpdate{Status: store.Status(x.out.Status), CompletedAt: &now, DurationMS: &dur, Error: x.out.Reason}
 	if x.out.ExitCode >= 0 {
@@ -323,6 +320,11 @@ func (x *execution) finish() {
 		u.ExitCode = &code
 	}
 	x.update(u)
+	body := map[string]any{"status": x.out.Status, "exit_code": x.out.ExitCode, "duration_ms": x.out.DurationMs}
+	if x.out.Reason != "" {
+		body["reason"] = x.out.Reason
+	}
+	x.state(PhaseCompleted, body, nil)
 	level := slog.LevelInfo
 	if x.out.Err != nil {
 		level = slog.LevelWarn

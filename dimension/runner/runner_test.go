@@ -447,3 +447,29 @@ type failingSink struct{}
 func (failingSink) Append(context.Context, events.Event) (uint64, error) {
 	return 0, errcode.New(errcode.EventLogFailed, "nats is down")
 }
+
+// A client that sees `completed` live and then reads the invocation must
+// find its final status: the row is written before the event.
+func TestRowFinalWhenCompletedIsSeen(t *testing.T) {
+	e := newEnv(t)
+	r := e.runner(t, &fakeBackend{t: t, mode: "echo"}, 4)
+	req := e.request(t, `{"msg":"row"}`)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	sub, err := e.log.Subscribe(ctx, req.RunID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	go r.Run(t.Context(), nil, req)
+	for ev := range sub.Events() {
+		if !ev.IsCompleted() {
+			continue
+		}
+		if inv := e.invocation(t, req.RunID); inv.Status != store.StatusCompleted || inv.CompletedAt == nil {
+			t.Fatalf("completed was streamed while the row says %q", inv.Status)
+		}
+		return
+	}
+	t.Fatalf("no completed event: %v", sub.Err())
+}
