@@ -310,6 +310,9 @@ func (v *VM) Supervise(ctx context.Context, o SuperviseOptions) (Result, error) 
 				if l.Text != "" {
 					_, werr = io.WriteString(o.Output, l.Text)
 				}
+				if o.ShowAll {
+					_, werr = fmt.Fprintf(o.Output, "[%s] exit code=%d signal=%d fatal=%q\n", l.Kind, l.Status.ExitCode, l.Status.Signal, l.Status.Fatal)
+				}
 			case l.Kind == LineProgram:
 				_, werr = io.WriteString(o.Output, l.Text+"\n")
 			case o.ShowAll:
