@@ -49,6 +49,11 @@ var (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if tempRoot != "" {
+		// A failed test may have left a VM of this run behind: its QEMU's
+		// command line names our temp dir, so it is certainly ours.
+		for _, pid := range qemuProcesses(tempRoot) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
 		os.RemoveAll(tempRoot)
 	}
 	os.Exit(code)
