@@ -338,6 +338,21 @@ func TestStop(t *testing.T) {
 		if len(vms) != 1 || vms[0].ID != d.ID || vms[0].State != "running" || !vms[0].Detached || vms[0].PID != d.PID {
 			t.Fatalf("list vms = %+v, want the detached VM %s", vms, d.ID)
 		}
+		var in struct {
+			vmJSON
+			UptimeSeconds float64 `json:"uptime_seconds"`
+			ConsolePath   string  `json:"console_path"`
+			Spec          struct {
+				VCPUs     int    `json:"vcpus"`
+				MemoryMiB int    `json:"memory_mib"`
+				BootArgs  string `json:"boot_args"`
+			} `json:"spec"`
+		}
+		e.json(t, &in, "inspect", d.ID)
+		if in.ID != d.ID || in.PID != d.PID || in.State != "running" || in.Spec.VCPUs != 1 || in.Spec.MemoryMiB != 256 ||
+			!strings.Contains(in.Spec.BootArgs, "hyphae.env.SLEEP_SECS=300") || !strings.HasPrefix(in.ConsolePath, e.rt) {
+			t.Errorf("inspect = %+v", in)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
 		defer cancel()
 		follow := e.command(ctx, "logs", "-f", d.ID[:6])
