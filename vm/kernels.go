@@ -27,7 +27,11 @@ type Kernel struct {
 // AddKernel validates the kernel at path, stores it content-addressed in
 // the registry's kernels/ and registers it as name (default: the file's
 // base name after symlinks). Adding a name again replaces it, which also
-// makes it the newest, hence the default for the VMMs it boots.
+// makes it the newest, hence the default for the VMMs it boots. A bzImage
+// whose directory holds its modules tree (modules-<release>, as
+// `kernel fetch --debian` leaves it) gets that tree recorded by release
+// in kernels/module-trees, where networked QEMU runs find the NIC driver
+// modules; the tree itself stays where it is, so it must not be removed.
 func (rt *Runtime) AddKernel(ctx context.Context, src, name string) (Kernel, error) {
 	reg, err := rt.registry()
 	if err != nil {
@@ -48,6 +52,10 @@ func (rt *Runtime) AddKernel(ctx context.Context, src, name string) (Kernel, err
 	}
 	dest, info, err := kernel.Store(src, reg.KernelsDir())
 	if err != nil {
+		return Kernel{}, err
+	}
+	if err := rt.linkModules(src); err != nil {
+		rt.removeUnreferenced(ctx, dest)
 		return Kernel{}, err
 	}
 	return rt.register(ctx, name, dest, info)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -36,31 +37,38 @@ type ReconcileReport struct {
 
 // Reconcile brings the VM rows in line with the processes that really
 // run: a running row whose VMM is gone is removed with its runtime
-// directory; a created row whose starting hyphae died is removed, its VMM
-// killed if it got that far. Then runtime directories under
-// vmmproc.RuntimeDir() that carry this registry's owner file but belong to
-// no row are removed, their VMM killed if it still runs. A process is
-// signalled only after vmmproc's identity check: a PID now used by another
-// program is never touched.
+// directory, jail and network; a created row whose starting hyphae died is
+// removed, its VMM killed if it got that far. Then runtime directories
+// under vmmproc.RuntimeDir() that carry this registry's owner file but
+// belong to no row are removed (with their jail), their VMM killed if it
+// still runs, and network leases whose VM has no row are torn down. A
+// process is signalled only after vmmproc's identity check: a PID now used
+// by another program is never touched.
 func (rt *Runtime) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	rep := ReconcileReport{Removed: []string{}, Orphans: []string{}, Killed: []int{}}
 	reg, err := rt.registry()
 	if err != nil {
 		return rep, err
 	}
-	// Directories first, rows second: a run records its row before it
-	// creates its directory, so every directory seen here whose VM is
-	// alive has its row in the list read next.
+	// Directories first, leases second, rows last: a run records its row
+	// before it creates its directory or takes its lease, so every
+	// directory and lease seen here whose VM is alive has its row in the
+	// list read next.
 	root := vmmproc.RuntimeDir()
 	entries, err := os.ReadDir(root)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return rep, errcode.Wrap(errcode.RegistryError, err, "read runtime dir %s", root)
+	}
+	leased, err := rt.leases(ctx)
+	if err != nil {
+		return rep, err
 	}
 	rows, err := reg.ListVMs(ctx)
 	if err != nil {
 		return rep, err
 	}
 	owned := map[string]bool{}
+	kept := map[string]bool{}
 	var errs []error
 	for _, row := range rows {
 		owned[filepath.Clean(row.RuntimeDir)] = true
@@ -69,10 +77,12 @@ func (rt *Runtime) Reconcile(ctx context.Context) (ReconcileReport, error) {
 		switch row.State {
 		case registry.VMRunning:
 			if id.Alive() {
+				kept[row.ID] = true
 				continue
 			}
 		case registry.VMCreated:
 			if d.Supervisor.PID != 0 && d.Supervisor.Alive() {
+				kept[row.ID] = true
 				continue // a start in progress
 			}
 			if row.PID != 0 && rt.killVerified(id) {
@@ -80,11 +90,22 @@ func (rt *Runtime) Reconcile(ctx context.Context) (ReconcileReport, error) {
 			}
 		default:
 			// Exited rows (written by other tools) say what they are.
+			kept[row.ID] = true
 			continue
 		}
 		rt.log.Info("reconcile: removing vm whose process is gone", "id", row.ID, "pid", row.PID, "state", row.State)
 		if err := rt.removeRuntimeDir(row.RuntimeDir, row.ID); err != nil {
 			errs = append(errs, err)
+		}
+		if err := rt.cleanupJail(d.Jail, row.ID); err != nil {
+			errs = append(errs, err)
+		}
+		if leased[row.ID] {
+			if err := rt.teardownNetwork(ctx, row.ID); err != nil {
+				// The row stays, so a later Reconcile tries again.
+				errs = append(errs, err)
+				continue
+			}
 		}
 		if err := reg.DeleteVM(ctx, row.ID); err != nil && !errcode.HasCode(err, errcode.NotFound) {
 			errs = append(errs, err)
@@ -105,11 +126,26 @@ func (rt *Runtime) Reconcile(ctx context.Context) (ReconcileReport, error) {
 			rep.Killed = append(rep.Killed, o.VMM.PID)
 		}
 		rt.log.Info("reconcile: removing orphaned runtime dir", "dir", dir)
+		if err := rt.cleanupJail(o.Jail, o.ID); err != nil {
+			errs = append(errs, err)
+		}
 		if err := vmmproc.RemoveDir(dir); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		rep.Orphans = append(rep.Orphans, dir)
+	}
+	// Leases of VMs with no row at all (their row went, their network
+	// did not): only this home's leases, so the TAPs of other software in
+	// the namespace are never touched here.
+	for id := range leased {
+		if kept[id] || slices.Contains(rep.Removed, id) {
+			continue
+		}
+		rt.log.Info("reconcile: tearing down the network of a VM that is gone", "id", id)
+		if err := rt.teardownNetwork(ctx, id); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return rep, errors.Join(errs...)
 }
@@ -207,9 +243,9 @@ type StopResult struct {
 }
 
 // Stop stops the VM id (started by this or any other hyphae process):
-// Ctrl-Alt-Del through the VMM's socket in the runtime directory, then
-// SIGTERM, then SIGKILL, all within timeout; then removes its runtime
-// directory and row.
+// Ctrl-Alt-Del through the VMM's socket (in the runtime directory, or the
+// jail), then SIGTERM, then SIGKILL, all within timeout; then removes its
+// runtime directory, jail and network, and its row.
 func (rt *Runtime) Stop(ctx context.Context, id string, timeout time.Duration) (StopResult, error) {
 	if timeout <= 0 {
 		timeout = DefaultStopTimeout
@@ -228,7 +264,9 @@ func (rt *Runtime) Stop(ctx context.Context, id string, timeout time.Duration) (
 	if row.PID != 0 {
 		p, err := vmmproc.Attach(d.identity(row), rt.log)
 		if err == nil {
-			graceful := func(ctx context.Context) error { return requestShutdown(ctx, row.Driver, row.RuntimeDir) }
+			graceful := func(ctx context.Context) error {
+				return requestShutdown(ctx, row.Driver, row.RuntimeDir, row.ID, d.Jail)
+			}
 			how, err := p.Stop(ctx, graceful, timeout)
 			p.Release()
 			if err != nil {
@@ -240,6 +278,12 @@ func (rt *Runtime) Stop(ctx context.Context, id string, timeout time.Duration) (
 	if err := rt.removeRuntimeDir(row.RuntimeDir, row.ID); err != nil {
 		return res, err
 	}
+	if err := rt.cleanupJail(d.Jail, row.ID); err != nil {
+		return res, err
+	}
+	if err := rt.teardownNetwork(ctx, row.ID); err != nil {
+		return res, err
+	}
 	if err := rt.reg.DeleteVM(ctx, row.ID); err != nil && !errcode.HasCode(err, errcode.NotFound) {
 		return res, err
 	}
@@ -248,11 +292,21 @@ func (rt *Runtime) Stop(ctx context.Context, id string, timeout time.Duration) (
 	return res, nil
 }
 
-func requestShutdown(ctx context.Context, driver, dir string) error {
-	switch driver {
-	case vmm.QEMU:
+// requestShutdown sends Ctrl-Alt-Del through the VMM's socket: in the
+// runtime directory, or in the jail of a jailed Firecracker.
+func requestShutdown(ctx context.Context, driver, dir, id string, jail *JailDetails) error {
+	switch {
+	case driver == vmm.QEMU:
 		return qemu.RequestShutdown(ctx, dir)
-	case vmm.Firecracker:
+	case driver == vmm.Firecracker && jail != nil:
+		sock, err := firecracker.JailAPISocket(jail.options(), jail.Firecracker, id)
+		if err != nil {
+			return err
+		}
+		c := firecracker.NewClient(sock, 0)
+		defer c.Close()
+		return c.SendCtrlAltDel(ctx)
+	case driver == vmm.Firecracker:
 		return firecracker.RequestShutdown(ctx, dir)
 	}
 	return errcode.New(errcode.VMMUnavailable, "unknown driver %q", driver)

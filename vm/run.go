@@ -11,6 +11,7 @@ import (
 
 	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/guest"
+	"github.com/hyphae-run/hyphae/network"
 	"github.com/hyphae-run/hyphae/registry"
 	"github.com/hyphae-run/hyphae/vmm"
 	"github.com/hyphae-run/hyphae/vmm/firecracker"
@@ -44,6 +45,15 @@ type RunOptions struct {
 	// Env reaches the program as hyphae.env. tokens on the kernel command
 	// line, which the guest can read: never put secrets here.
 	Env []guest.EnvVar
+	// Network gives the guest a TAP with an address from the pool and,
+	// unless NoNAT, outbound NAT. The guest cannot reach the host itself
+	// or private ranges, except what Allow lets through.
+	Network bool
+	NoNAT   bool
+	Allow   []network.Allow
+	// Jail runs Firecracker under its jailer as the dedicated system user
+	// (firecracker.DefaultJailUser); other drivers refuse it.
+	Jail bool
 }
 
 // machine is what the runtime needs of a driver's Machine.
@@ -71,14 +81,18 @@ func (v *VM) Info() vmm.Info { return v.m.Info() }
 // Status returns the VM's row as a Status.
 func (v *VM) Status() Status { return statusOf(v.row) }
 
-// Start resolves o into a spec, records the VM (state created), boots it
-// and marks it running with its VMM's identity. Every bad input is refused
-// before anything is spawned; a failed start leaves no process, runtime
-// directory or row behind.
+// Start resolves o into a spec, records the VM (state created), gives it
+// its network when o.Network, boots it and marks it running with its VMM's
+// identity. Every bad input is refused before anything is set up; a failed
+// network setup spawns nothing; a failed start leaves no process, runtime
+// directory, TAP, rule, lease or row behind.
 func (rt *Runtime) Start(ctx context.Context, o RunOptions) (*VM, error) {
 	began := time.Now()
 	reg, err := rt.registry()
 	if err != nil {
+		return nil, err
+	}
+	if err := checkNetworkOptions(o); err != nil {
 		return nil, err
 	}
 	if _, err := rt.Reconcile(ctx); err != nil {
@@ -109,6 +123,16 @@ func (rt *Runtime) Start(ctx context.Context, o RunOptions) (*VM, error) {
 			return nil, err
 		}
 	}
+	jail, err := rt.jailFor(o, choice)
+	if err != nil {
+		return nil, err
+	}
+	var nw Network
+	if o.Network {
+		if nw, err = rt.network(); err != nil {
+			return nil, err
+		}
+	}
 	id, err := newID()
 	if err != nil {
 		return nil, err
@@ -126,17 +150,28 @@ func (rt *Runtime) Start(ctx context.Context, o RunOptions) (*VM, error) {
 		Drives:     []vmm.Drive{{ID: "root", Path: img.Path, Root: true}},
 		RuntimeDir: dir,
 	}
-	m, err := rt.newMachine(spec, choice)
+	// The driver validates the spec here, before the network exists; a
+	// networked VM gets its final machine once the NIC is in the spec.
+	m, err := rt.newMachine(spec, choice, jail)
 	if err != nil {
 		return nil, err
 	}
+	if nw != nil {
+		// What VMs that are gone left in the namespace goes before this
+		// one takes a lease.
+		if err := rt.reclaimNetwork(ctx, nw); err != nil {
+			rt.log.Warn("reclaiming the networks of gone VMs failed", "err", err)
+		}
+	}
 	info := m.Info()
-	d := Details{Spec: info.Spec, Binary: baseName(choice.Binary), Accel: choice.Accel, Kernel: kern.Name, Supervisor: rt.selfID}
+	d := Details{Spec: info.Spec, Binary: baseName(choice.Binary), Accel: choice.Accel, Kernel: kern.Name, Supervisor: rt.selfID, Jail: jail}
 	row := registry.VM{ID: id, ImageDigest: img.Digest, ImageRef: img.Ref(), Driver: choice.Driver, State: registry.VMCreated,
 		RuntimeDir: info.RuntimeDir, ConsolePath: info.ConsolePath}
 	if row.Spec, err = json.Marshal(d); err != nil {
 		return nil, errcode.Wrap(errcode.InvalidSpec, err, "encode VM details")
 	}
+	// The row comes before the lease, so that another process's
+	// Reconcile or Reclaim sees this VM as live while it has one.
 	if err := reg.PutVM(ctx, row); err != nil {
 		return nil, err
 	}
@@ -145,38 +180,62 @@ func (rt *Runtime) Start(ctx context.Context, o RunOptions) (*VM, error) {
 		v.teardown(context.WithoutCancel(ctx))
 		return nil, err
 	}
+	if nw != nil {
+		if v.details.Network, err = rt.attachNetwork(ctx, nw, &spec, o, choice, jail); err != nil {
+			return fail(err)
+		}
+		if m, err = rt.newMachine(spec, choice, jail); err != nil {
+			return fail(err)
+		}
+		v.m = m
+		v.details.Spec = m.Info().Spec
+		if err := v.saveDetails(ctx, nil); err != nil {
+			return fail(err)
+		}
+	}
 	if err := vmmproc.PrepareDir(info.RuntimeDir); err != nil {
 		return fail(err)
 	}
-	if err := writeOwner(info.RuntimeDir, owner{Home: reg.Home(), ID: id}); err != nil {
+	if err := writeOwner(info.RuntimeDir, owner{Home: reg.Home(), ID: id, Jail: jail}); err != nil {
 		return fail(err)
 	}
-	rt.log.Info("starting vm", "id", id, "image", img.Ref(), "driver", choice.Driver, "accel", choice.Accel, "kernel", kern.Name)
+	rt.log.Info("starting vm", "id", id, "image", img.Ref(), "driver", choice.Driver, "accel", choice.Accel, "kernel", kern.Name,
+		"network", v.details.Network != nil, "jail", jail != nil)
 	if err := m.Start(ctx); err != nil {
 		return fail(err)
 	}
 	v.Spawned = time.Now()
 	ident, _ := m.Identity()
-	if err := writeOwner(info.RuntimeDir, owner{Home: reg.Home(), ID: id, VMM: ident}); err != nil {
+	if err := writeOwner(info.RuntimeDir, owner{Home: reg.Home(), ID: id, VMM: ident, Jail: jail}); err != nil {
 		return fail(err)
 	}
 	now := time.Now()
 	// The identity names the binary as the kernel sees it (symlinks
 	// resolved), which is what a later IsSame compares against.
 	v.details.Binary = ident.Binary
-	detailsJSON, err := json.Marshal(v.details)
-	if err != nil {
-		return fail(errcode.Wrap(errcode.InvalidSpec, err, "encode VM details"))
-	}
-	err = reg.UpdateVM(ctx, id, func(r *registry.VM) error {
-		r.State, r.PID, r.ProcStartTicks, r.StartedAt, r.Spec = registry.VMRunning, ident.PID, ident.StartTicks, &now, detailsJSON
-		v.row = *r
-		return nil
+	err = v.saveDetails(ctx, func(r *registry.VM) {
+		r.State, r.PID, r.ProcStartTicks, r.StartedAt = registry.VMRunning, ident.PID, ident.StartTicks, &now
 	})
 	if err != nil {
 		return fail(err)
 	}
 	return v, nil
+}
+
+// saveDetails writes v.details, and whatever change makes, into the row.
+func (v *VM) saveDetails(ctx context.Context, change func(*registry.VM)) error {
+	b, err := json.Marshal(v.details)
+	if err != nil {
+		return errcode.Wrap(errcode.InvalidSpec, err, "encode VM details")
+	}
+	return v.rt.reg.UpdateVM(ctx, v.row.ID, func(r *registry.VM) error {
+		r.Spec = b
+		if change != nil {
+			change(r)
+		}
+		v.row = *r
+		return nil
+	})
 }
 
 // bootArgs renders the run's environment as hyphae.env. tokens, then the
@@ -202,12 +261,17 @@ func firstNonZero(v ...int) int {
 	return 0
 }
 
-func (rt *Runtime) newMachine(spec vmm.Spec, c Choice) (machine, error) {
+func (rt *Runtime) newMachine(spec vmm.Spec, c Choice, jail *JailDetails) (machine, error) {
 	switch c.Driver {
 	case vmm.QEMU:
 		return qemu.New(spec, qemu.Options{Binary: c.Binary, Accel: c.Accel, Logger: rt.log})
 	case vmm.Firecracker:
-		return firecracker.New(spec, firecracker.Options{Binary: c.Binary, Logger: rt.log})
+		o := firecracker.Options{Binary: c.Binary, Logger: rt.log}
+		if jail != nil {
+			j := jail.options()
+			o.Jail = &j
+		}
+		return firecracker.New(spec, o)
 	}
 	return nil, errcode.New(errcode.VMMUnavailable, "unknown driver %q", c.Driver)
 }
@@ -230,11 +294,15 @@ func (v *VM) Detach(ctx context.Context) error {
 }
 
 // teardown kills what is left of the VM, removes its runtime directory and
-// writable layer, and deletes its row. A row another process already
-// removed (Reconcile, Stop) is fine.
+// writable layer (and jail), tears its network down, and deletes its row.
+// A row another process already removed (Reconcile, Stop) is fine. The
+// row goes last: while it exists the VM's lease counts as live.
 func (v *VM) teardown(ctx context.Context) {
 	if err := v.m.Cleanup(); err != nil {
 		v.rt.log.Warn("vm cleanup failed", "id", v.row.ID, "err", err)
+	}
+	if err := v.rt.teardownNetwork(ctx, v.row.ID); err != nil {
+		v.rt.log.Warn("vm network teardown failed; the next networked run reclaims it", "id", v.row.ID, "err", err)
 	}
 	if err := v.rt.reg.DeleteVM(ctx, v.row.ID); err != nil && !errcode.HasCode(err, errcode.NotFound) {
 		v.rt.log.Warn("cannot delete vm row", "id", v.row.ID, "err", err)

@@ -24,6 +24,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/hyphae-run/hyphae/errcode"
@@ -44,6 +45,13 @@ type Options struct {
 	// QEMUBinary and FirecrackerBinary name the VMMs (the drivers'
 	// defaults when empty).
 	QEMUBinary, FirecrackerBinary string
+	// NetworkPool is the IPv4 CIDR networked VMs get their /30 from
+	// (network.DefaultPool when empty).
+	NetworkPool string
+	// Network, when set, replaces the default network backend (a
+	// network.Manager over the registry's allocations in hyphae's own
+	// network namespace); NetworkPool is then unused.
+	Network Network
 }
 
 // Runtime runs and tracks VMs. It is safe for concurrent use.
@@ -54,6 +62,10 @@ type Runtime struct {
 	fc     string
 	kvm    *kvmProbe
 	selfID vmmproc.Identity
+
+	netPool string
+	netMu   sync.Mutex // guards net
+	net     Network
 }
 
 // New returns a Runtime.
@@ -68,7 +80,7 @@ func New(o Options) *Runtime {
 		o.FirecrackerBinary = firecracker.DefaultBinary
 	}
 	return &Runtime{reg: o.Registry, log: o.Logger, qemu: o.QEMUBinary, fc: o.FirecrackerBinary,
-		kvm: &kvmProbe{}, selfID: selfIdentity()}
+		kvm: &kvmProbe{}, selfID: selfIdentity(), netPool: o.NetworkPool, net: o.Network}
 }
 
 func (rt *Runtime) registry() (*registry.Registry, error) {
@@ -105,6 +117,10 @@ type Details struct {
 	Supervisor vmmproc.Identity `json:"supervisor"`
 	// Detached is set once the starter let the VM run on without it.
 	Detached bool `json:"detached"`
+	// Network is the VM's lease and filter settings, when it has one.
+	Network *NetworkDetails `json:"network,omitempty"`
+	// Jail is how Firecracker was jailed, when it was.
+	Jail *JailDetails `json:"jail,omitempty"`
 }
 
 func detailsOf(row registry.VM) Details {
@@ -138,6 +154,11 @@ type Status struct {
 	RuntimeDir    string   `json:"runtime_dir"`
 	ConsolePath   string   `json:"console_path"`
 	Spec          vmm.Spec `json:"spec"`
+	// Network is the VM's lease and filter settings (nil without
+	// --network).
+	Network *NetworkDetails `json:"network,omitempty"`
+	// Jailed says Firecracker runs under its jailer.
+	Jailed bool `json:"jailed"`
 }
 
 func statusOf(row registry.VM) Status {
@@ -146,6 +167,7 @@ func statusOf(row registry.VM) Status {
 		ID: row.ID, Image: row.ImageRef, ImageDigest: row.ImageDigest, Driver: row.Driver, Accel: d.Accel,
 		Kernel: d.Kernel, State: row.State, PID: row.PID, Detached: d.Detached, CreatedAt: row.CreatedAt,
 		StartedAt: row.StartedAt, RuntimeDir: row.RuntimeDir, ConsolePath: row.ConsolePath, Spec: d.Spec,
+		Network: d.Network, Jailed: d.Jail != nil,
 	}
 	if row.StartedAt != nil && row.State == registry.VMRunning {
 		s.UptimeSeconds = time.Since(*row.StartedAt).Seconds()
@@ -172,6 +194,8 @@ type owner struct {
 	Home string           `json:"home"`
 	ID   string           `json:"id"`
 	VMM  vmmproc.Identity `json:"vmm"`
+	// Jail lets orphan cleanup remove the jail of a VM whose row is gone.
+	Jail *JailDetails `json:"jail,omitempty"`
 }
 
 func writeOwner(dir string, o owner) error {

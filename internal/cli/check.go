@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -142,16 +143,18 @@ func (a *app) checkCommand() *cobra.Command {
 with its status and, when it is missing, a hint. It exits 1 when a required
 prerequisite is missing; optional ones (node, cargo, go) only matter for their
 kind of project. The VM runtime's entries probe KVM by booting a guest (the
-answer is cached for the host's boot), look for firecracker, the jailer and
-QEMU, show the default kernel of each VMM and which VMM --vmm auto picks, and
-why.`,
+answer is cached for the host's boot), look for firecracker and QEMU, show the
+default kernel of each VMM and which VMM --vmm auto picks, and why. The
+entries for run --network (nftables over netlink, /dev/net/tun; both need
+root) and run --jail (the jailer and its release, the hyphae-fc system user,
+cgroups, the chroot base) are optional.`,
 		Example: `  hyphae check
   hyphae check --json | jq '.checks[] | select(.status != "ok")'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			vc := &vmChecks{}
 			defer vc.close()
-			report := a.runChecks(cmd.Context(), append(prereqs(), vmPrereqs(vc)...))
+			report := a.runChecks(cmd.Context(), slices.Concat(prereqs(), vmPrereqs(vc), netPrereqs()))
 			if err := a.emit(report, func(w io.Writer) { printChecks(w, report) }, nil); err != nil {
 				return err
 			}

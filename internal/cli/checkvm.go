@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -60,7 +59,6 @@ func vmPrereqs(c *vmChecks) []prereq {
 			return probeResult{OK: k.OK, Detail: detail, Hint: "QEMU falls back to TCG (slower); Firecracker needs KVM: use a host with working (not nested-broken) KVM"}
 		}},
 		vmmBinaryPrereq("firecracker", "--vmm firecracker (production)", "install a Firecracker release binary as firecracker on PATH"),
-		vmmBinaryPrereq("jailer", "running Firecracker jailed", "install the jailer from the same Firecracker release"),
 		toolPrereq("qemu-system-x86_64", false, "--vmm qemu (hosts without Firecracker or KVM)", "qemu-system-x86", "--version"),
 		toolPrereq("qemu-img", false, "QEMU's per-VM writable layer", "qemu-utils", "--version"),
 		kernelPrereq(c, vmm.QEMU, "`hyphae kernel fetch --debian` (or `hyphae kernel add <bzImage>`)"),
@@ -81,18 +79,11 @@ func vmPrereqs(c *vmChecks) []prereq {
 
 func vmmBinaryPrereq(name, forWhat, hint string) prereq {
 	return prereq{Name: name, For: forWhat, Probe: func(ctx context.Context, _ *app) probeResult {
-		p, err := exec.LookPath(name)
+		v, p, err := versionOf(ctx, name)
 		if err != nil {
-			return probeResult{Detail: "not found on PATH", Hint: hint}
+			return probeResult{Detail: errText(err), Hint: hint}
 		}
-		ctx, cancel := context.WithTimeout(ctx, probeTimeout)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, p, "--version").CombinedOutput()
-		if err != nil && len(out) == 0 {
-			return probeResult{Detail: fmt.Sprintf("%s does not run: %v", p, err), Hint: hint}
-		}
-		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
-		return probeResult{OK: true, Detail: line + " (" + p + ")"}
+		return probeResult{OK: true, Detail: v + " (" + p + ")"}
 	}}
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/hyphae-run/hyphae/errcode"
+	"github.com/hyphae-run/hyphae/network"
 	"github.com/hyphae-run/hyphae/registry"
 	"github.com/hyphae-run/hyphae/vm"
 )
@@ -36,10 +37,15 @@ func (e exitStatus) Error() string {
 
 func (e exitStatus) Unwrap() error { return e.err }
 
+// EnvNetPool names the IPv4 CIDR networked VMs take their /30 subnets
+// from (network.DefaultPool when unset). It is a host setting rather than a
+// flag: every hyphae process sharing a home should use the same pool.
+const EnvNetPool = "HYPHAE_NET_POOL"
+
 // withRuntime runs fn with a vm.Runtime over the open registry.
 func (a *app) withRuntime(ctx context.Context, fn func(*vm.Runtime) error) error {
 	return a.withRegistry(ctx, func(reg *registry.Registry) error {
-		return fn(vm.New(vm.Options{Registry: reg, Logger: a.logger}))
+		return fn(vm.New(vm.Options{Registry: reg, Logger: a.logger, NetworkPool: a.env.Getenv(EnvNetPool)}))
 	})
 }
 
@@ -88,6 +94,7 @@ func (a *app) runCommand() *cobra.Command {
 		timeout     time.Duration
 		stopTimeout time.Duration
 		detach      bool
+		allow       []string
 	)
 	cmd := &cobra.Command{
 		Use:   "run <name[:tag]>",
@@ -111,11 +118,28 @@ program gets SIGTERM), then SIGTERM and SIGKILL to the VMM within
 record remains.
 
 --detach prints the VM id and leaves the VM running; see 'hyphae list vms',
-'hyphae logs', 'hyphae stop'.`,
+'hyphae logs', 'hyphae stop'.
+
+--network (root) gives the guest a TAP (hyphae-tap<N>) with a /30 from the
+pool ($HYPHAE_NET_POOL, default 172.16.0.0/16: host .1, guest .2), configured
+through the kernel's ip= argument, a resolv.conf, and outbound NAT. The guest
+cannot reach the host itself, private (RFC 1918), shared, link-local or
+loopback ranges, or the pool; each --allow CIDR[:PORT] opens one destination
+(all ports, or TCP and UDP to PORT). --no-nat drops the masquerade: the guest
+then only talks to its TAP's host address, as far as --allow permits. The
+TAP, rules (nftables table inet hyphae) and lease go with the VM; a later
+networked run reclaims those of VMs that died. Run every command of a home
+whose VMs are networked in the same network namespace.
+
+--jail (firecracker only) runs Firecracker under its jailer as the system
+user hyphae-fc, in a chroot under /srv/jailer with the VM's CPU and memory as
+cgroup v2 limits; 'hyphae check' says how to create the user.`,
 		Example: `  hyphae run hello-go
   hyphae run hello-go --env GREETING=hi --timeout 30s
   hyphae run web:v1 --vmm qemu --vcpus 2 --memory 512 --kernel vmlinuz-6.1.0-57-cloud-amd64
-  hyphae run worker --detach --json`,
+  hyphae run worker --detach --json
+  hyphae run fetcher --network --allow 10.0.0.53:53 --allow 192.168.1.0/24:443
+  hyphae run worker --vmm firecracker --jail --network`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			o.Image = args[0]
@@ -125,6 +149,13 @@ record remains.
 			}
 			if timeout < 0 || stopTimeout < 0 {
 				return usageError(errcode.New(errcode.InvalidArgument, "--timeout and --stop-timeout must not be negative"))
+			}
+			for _, s := range allow {
+				al, err := network.ParseAllow(s)
+				if err != nil {
+					return usageError(err)
+				}
+				o.Allow = append(o.Allow, al)
 			}
 			ctx := cmd.Context()
 			return a.withRuntime(ctx, func(rt *vm.Runtime) error {
@@ -149,6 +180,10 @@ record remains.
 	f.DurationVar(&timeout, "timeout", 0, "stop the VM after this long and exit 124 (0: no limit)")
 	f.DurationVar(&stopTimeout, "stop-timeout", vm.DefaultStopTimeout, "bound on a graceful stop before the VMM is killed")
 	f.BoolVarP(&detach, "detach", "d", false, "print the VM id and leave it running")
+	f.BoolVar(&o.Network, "network", false, "give the guest a TAP, an address from the pool and outbound NAT (root)")
+	f.BoolVar(&o.NoNAT, "no-nat", false, "with --network: no outbound NAT, the guest reaches only what --allow permits on its host address")
+	f.StringArrayVar(&allow, "allow", nil, "with --network: let the guest reach `CIDR[:PORT]` despite the isolation rules (repeatable)")
+	f.BoolVar(&o.Jail, "jail", false, "run Firecracker under its jailer as the hyphae-fc system user (firecracker driver only)")
 	return cmd
 }
 
