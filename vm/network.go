@@ -194,7 +194,7 @@ func (rt *Runtime) attachNetwork(ctx context.Context, n Network, spec *vmm.Spec,
 		}
 		err = qemu.AddNetwork(ctx, spec, nic, att.BootArgs, qemu.NetworkOptions{
 			ModulesCache:  filepath.Join(reg.KernelsDir(), modulesCacheDir),
-			ModulesSearch: []string{filepath.Join(reg.KernelsDir(), moduleTreesDir)},
+			ModulesSearch: rt.modulesSearch(spec.Kernel),
 			Logger:        rt.log,
 		})
 		if err != nil {
@@ -221,10 +221,28 @@ const (
 	// shared by every VM.
 	modulesCacheDir = "modules"
 	// moduleTreesDir holds, per kernel release R, a symlink modules-R to
-	// the modules tree found next to a kernel when it was added: the
-	// registry stores kernels under content names, away from the tree.
+	// the modules tree found next to a kernel when it was added (the
+	// registry stores kernels under content names, away from the tree).
+	// Only the link's target directory is used, never a copy: trees are
+	// around 100 MB.
 	moduleTreesDir = "module-trees"
 )
+
+// modulesSearch returns the directory holding the modules tree that
+// linkModules recorded for the kernel's release, if any. The link is
+// resolved here because the modules code reads a tree only by its real
+// path.
+func (rt *Runtime) modulesSearch(kernelPath string) []string {
+	release, err := kernel.Release(kernelPath)
+	if err != nil {
+		return nil
+	}
+	tree, err := filepath.EvalSymlinks(filepath.Join(rt.reg.KernelsDir(), moduleTreesDir, kernel.ModulesDirName(release)))
+	if err != nil {
+		return nil
+	}
+	return []string{filepath.Dir(tree)}
+}
 
 // linkModules records where the modules tree of the bzImage at src is,
 // when its directory holds one (modules-<release>, the layout of
