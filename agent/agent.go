@@ -195,7 +195,7 @@ func Run(ctx context.Context, transport io.ReadWriter, cfg Config) (int, error) 
 
 	var wg sync.WaitGroup
 	wg.Go(func() { s.deliver(c.stdin, req.GetPayload()) })
-	wg.Go(func() { s.relayStderr(c.stderr) })
+	wg.Go(func() { s.relayStderr(c.stderr, srv.settle) })
 	stdout := &boundedBuffer{limit: cfg.StdoutLimit}
 	wg.Go(func() { s.collect(c.stdout, stdout) })
 
@@ -328,6 +328,12 @@ func (s *session) control(ctx context.Context, c *child, exited <-chan struct{})
 func (s *session) deliver(stdin *os.File, payload []byte) {
 	n, err := stdin.Write(payload)
 	stdin.Close()
+	if errors.Is(err, syscall.EPIPE) {
+		// The bundle closed its stdin (or exited) without reading it all:
+		// its choice, not a failure of the run.
+		s.log.Info("the bundle did not read its whole payload", "read", n, "of", len(payload))
+		return
+	}
 	if err != nil && !errors.Is(err, os.ErrClosed) {
 		s.report(pb.ErrorCode_ERROR_CODE_PAYLOAD_DELIVERY, false,
 			fmt.Sprintf("the bundle took %d of %d payload bytes", n, len(payload)), err.Error())
@@ -341,8 +347,9 @@ func (s *session) collect(r *os.File, b *boundedBuffer) {
 	r.Close()
 }
 
-// relayStderr emits each stderr line as one message.
-func (s *session) relayStderr(r *os.File) {
+// relayStderr emits each stderr line as one message, after settle has let
+// the event frames the bundle wrote before that line be relayed.
+func (s *session) relayStderr(r *os.File, settle func()) {
 	defer r.Close()
 	lr := newLineReader(r, maxStderrLine)
 	for {
@@ -352,6 +359,7 @@ func (s *session) relayStderr(r *os.File) {
 			if partial {
 				attrs = map[string]string{AttrPartial: "true"}
 			}
+			settle()
 			s.emit(KindStderr, ContentTypeStderr, line, attrs)
 		}
 		if err != nil {

@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -108,6 +109,31 @@ func TestBadFramesCloseOnlyTheirConnection(t *testing.T) {
 	}
 	if !o.done.GetSuccess() {
 		t.Fatal("bad frames made the run fail")
+	}
+}
+
+// The events socket and stderr are separate streams, read concurrently. A
+// stderr line still never overtakes an event the bundle sent before it
+// (later events may overtake a line that sits in the pipe: nothing can
+// tell when a pipe's bytes were written).
+func TestStderrNeverOvertakesEarlierEvents(t *testing.T) {
+	const n = 50
+	o := run(t, Config{Program: selfProgram(t, "interleave", strconv.Itoa(n))}, `{}`)
+	pos := map[string]int{}
+	for i, m := range o.outbound {
+		switch m.GetKind() {
+		case "step":
+			pos["step "+string(m.GetBody())] = i
+		case KindStderr:
+			pos[string(m.GetBody())] = i
+		}
+	}
+	for i := range n {
+		step, okStep := pos[fmt.Sprintf("step %d", i)]
+		line, okLine := pos[fmt.Sprintf("after %d", i)]
+		if !okStep || !okLine || line < step {
+			t.Fatalf("round %d: event at %d (%v), stderr line at %d (%v); order %v", i, step, okStep, line, okLine, pos)
+		}
 	}
 }
 
@@ -387,5 +413,13 @@ func TestLoadProgramErrors(t *testing.T) {
 func TestDefaultChannelIsAgentPort(t *testing.T) {
 	if DefaultChannel != "vsock:"+strconv.Itoa(protocol.AgentVsockPort) {
 		t.Fatalf("DefaultChannel %q does not name port %d", DefaultChannel, protocol.AgentVsockPort)
+	}
+}
+
+// A bundle that exits without reading its payload is not an error.
+func TestUnreadPayloadIsNotAnError(t *testing.T) {
+	o := run(t, Config{Program: shProgram(`exec 0<&-; sleep 0.2`)}, strings.Repeat("p", 1<<20))
+	if len(o.errs) != 0 || !o.done.GetSuccess() {
+		t.Fatalf("errors %v, done %v", o.errs, o.done)
 	}
 }

@@ -64,6 +64,15 @@ func testBundle(mode string, args []string) int {
 			})
 		}
 		wg.Wait()
+	case "interleave":
+		// n rounds of one event then one stderr line, the order the
+		// host must see.
+		for i := range n {
+			if err := bundle.Send("step", i, nil); err != nil {
+				return 2
+			}
+			fmt.Fprintf(os.Stderr, "after %d\n", i)
+		}
 	case "badframes":
 		return badFrames()
 	case "stdout":
