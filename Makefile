@@ -5,7 +5,7 @@ KERNELS   ?= /var/cache/hyphae/kernels
 # Guest binaries must be static: CGO_ENABLED=0 for everything we build.
 export CGO_ENABLED = 0
 
-.PHONY: help deps build install test test-short fuzz bench demo clean
+.PHONY: help deps build install test test-short fuzz bench demo demo-hyphae clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,7 +33,10 @@ fuzz: ## run each fuzz target for a short while
 bench: build ## benchmarks (ratios against baselines measured in the same run)
 	$(GO) run ./bench/build
 
-demo: deps build ## build the Go example and run it in a microVM
+demo: deps build ## the main job: dimension on embedded defaults runs the echo bundle once in a microVM
+	./scripts/dimension-demo.sh
+
+demo-hyphae: deps build ## hyphae alone: build the Go example and run it in a microVM
 	./scripts/demo.sh
 
 clean:
