@@ -30,8 +30,10 @@ test-short: ## unit tests only, no VMs, no root
 fuzz: ## run each fuzz target for a short while
 	./scripts/fuzz.sh 20s
 
-bench: build ## benchmarks (ratios against baselines measured in the same run)
+bench: build deps ## benchmarks (each prints ratios against a baseline measured in the same run)
 	$(GO) run ./bench/build
+	$(GO) run ./bench/boot
+	$(GO) run ./bench/gateway
 
 demo: deps build ## the main job: dimension on embedded defaults runs the echo bundle once in a microVM
 	./scripts/dimension-demo.sh
