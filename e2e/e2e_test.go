@@ -508,12 +508,15 @@ func TestCheck(t *testing.T) {
 	for _, c := range rep.Checks {
 		got[c.Name] = c.Status + ": " + c.Detail
 	}
-	for name, want := range map[string]string{"vmm (auto)": "ok: auto picks qemu", "kernel (qemu)": "ok: default", "qemu-system-x86_64": "ok"} {
+	for name, want := range map[string]string{"vmm (auto)": "ok: auto picks qemu", "kernel (qemu)": "ok: default", "qemu-system-x86_64": "ok",
+		"nftables": "ok: netlink works", "/dev/net/tun": "ok: opens"} {
 		if !strings.HasPrefix(got[name], want) {
 			t.Errorf("check %q = %q, want %q…", name, got[name], want)
 		}
 	}
-	if _, ok := got["kvm"]; !ok {
-		t.Error("check has no kvm entry")
+	for _, name := range []string{"kvm", "jailer", "jail user", "cgroups", "chroot base"} {
+		if _, ok := got[name]; !ok {
+			t.Errorf("check has no %q entry", name)
+		}
 	}
 }
