@@ -31,6 +31,8 @@ const (
 	remoteIP     = "198.51.100.2"
 	remotePort   = "8080"
 	hostPort     = "9090"
+	// allowedPort is a host-side port the guest may reach with --allow.
+	allowedPort = "9091"
 )
 
 // netLab is the pair of network namespaces a networking test runs in. The
@@ -38,9 +40,9 @@ const (
 // `ip netns exec`, with its QEMU, TAP and nftables table.
 type netLab struct {
 	host, remote string
-	// remoteSeen and hostSeen record the peers of the connections the two
-	// test servers accepted.
-	remoteSeen, hostSeen *peers
+	// remoteSeen, hostSeen and allowedSeen record the peers of the
+	// connections the test servers accepted.
+	remoteSeen, hostSeen, allowedSeen *peers
 }
 
 type peers struct {
@@ -65,7 +67,7 @@ func newNetLab(t *testing.T) *netLab {
 	testenv.RequiresTool(t, "ip")
 	testenv.RequiresTool(t, "nft")
 	tag := fmt.Sprintf("%d-%d", os.Getpid(), time.Now().UnixNano()%100000)
-	l := &netLab{host: "hye2e-h" + tag, remote: "hye2e-r" + tag, remoteSeen: &peers{}, hostSeen: &peers{}}
+	l := &netLab{host: "hye2e-h" + tag, remote: "hye2e-r" + tag, remoteSeen: &peers{}, hostSeen: &peers{}, allowedSeen: &peers{}}
 	for _, ns := range []string{l.host, l.remote} {
 		mustRun(t, "ip", "netns", "add", ns)
 		t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
@@ -78,6 +80,7 @@ func newNetLab(t *testing.T) *netLab {
 	mustRun(t, "ip", "-n", l.remote, "link", "set", "up0", "up")
 	serveIn(t, l.remote, net.JoinHostPort(remoteIP, remotePort), l.remoteSeen)
 	serveIn(t, l.host, net.JoinHostPort("0.0.0.0", hostPort), l.hostSeen)
+	serveIn(t, l.host, net.JoinHostPort("0.0.0.0", allowedPort), l.allowedSeen)
 	return l
 }
 
@@ -288,17 +291,21 @@ func (e *env) leases(t *testing.T) []network.Allocation {
 // TestNetwork boots the netguest program under QEMU/TCG with --network in
 // a namespace the test made: it reaches a server in the remote namespace
 // through NAT (which sees the host's masqueraded uplink address), cannot
-// reach a server on its TAP's host address, gets a resolv.conf, and its
-// exit code is hyphae's. Afterwards nothing of the VM's network remains.
+// reach a server on its TAP's host address, but can reach the one port
+// --allow opens there; it gets a resolv.conf, and its exit code is
+// hyphae's. Afterwards nothing of the VM's network remains.
 func TestNetwork(t *testing.T) {
 	e := setup(t)
 	l := newNetLab(t)
 	e.buildNetGuest(t)
 	remote := net.JoinHostPort(remoteIP, remotePort)
+	// A one-lease pool makes the TAP's host address known in advance.
+	pool := []string{"HYPHAE_NET_POOL=10.213.5.0/30"}
+	const tapHost = "10.213.5.1"
 
 	began := time.Now()
-	r := e.hyphaeIn(t, l.host, nil, "run", "netguest", "--network",
-		"--env", "NETGUEST_DIAL="+remote+",gw:"+hostPort, "--env", "NETGUEST_EXIT=5")
+	r := e.hyphaeIn(t, l.host, pool, "run", "netguest", "--network", "--allow", tapHost+":"+allowedPort,
+		"--env", "NETGUEST_DIAL="+remote+",gw:"+hostPort+",gw:"+allowedPort, "--env", "NETGUEST_EXIT=5")
 	wall := time.Since(began)
 	if r.code != 5 {
 		t.Fatalf("hyphae run --network: exit %d, want the program's 5\nstdout:\n%s\nstderr:\n%s", r.code, r.stdout, r.stderr)
@@ -315,6 +322,13 @@ func TestNetwork(t *testing.T) {
 	}
 	if seen := l.hostSeen.list(); len(seen) != 0 {
 		t.Errorf("the server on the host side saw %v, want nothing", seen)
+	}
+	// Not masqueraded: the host sees the guest's own address.
+	if got := lines["gw:"+allowedPort]; !strings.HasPrefix(got, "ok 10.213.5.2:") {
+		t.Errorf("guest → allowed %s:%s: %q, want ok from the guest's 10.213.5.2", tapHost, allowedPort, got)
+	}
+	if seen := l.allowedSeen.list(); len(seen) != 1 {
+		t.Errorf("the allowed server saw %v, want one connection", seen)
 	}
 	if !strings.Contains(lines["resolv"], "nameserver") {
 		t.Errorf("the guest has no resolv.conf nameserver: %q", lines["resolv"])
