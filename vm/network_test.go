@@ -4,11 +4,16 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +24,7 @@ import (
 	"github.com/hyphae-run/hyphae/network"
 	"github.com/hyphae-run/hyphae/registry"
 	"github.com/hyphae-run/hyphae/vmm"
+	"github.com/hyphae-run/hyphae/vmm/firecracker"
 	"github.com/hyphae-run/hyphae/vmm/vmmproc"
 )
 
@@ -291,4 +297,97 @@ func TestAddKernelRecordsModules(t *testing.T) {
 	if got := rt.modulesSearch(k.Path); len(got) != 1 {
 		t.Errorf("after gc: modules search = %v", got)
 	}
+}
+
+// TestJailedVMStopAndCleanup: stopping a jailed Firecracker VM started by
+// another process sends Ctrl-Alt-Del to the API socket inside its jail and
+// removes the jail; Reconcile removes the jail of an orphaned runtime
+// directory. A stand-in API server plays Firecracker (the jailer cannot
+// run here); a `sleep` plays its process.
+func TestJailedVMStopAndCleanup(t *testing.T) {
+	rt, reg, rtDir := newRuntime(t)
+	ctx := context.Background()
+	fcBin, err := exec.LookPath("true") // any binary: the jail is named after it
+	if err != nil {
+		t.Skip("no `true` binary")
+	}
+	jail := &JailDetails{ChrootBaseDir: t.TempDir(), CgroupVersion: 2, UID: 4242, GID: 4242, Firecracker: fcBin}
+	vmmID := startSleep(t)
+
+	const id = "jailed1"
+	sock, err := firecracker.JailAPISocket(jail.options(), fcBin, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var mu sync.Mutex
+	var calls []string
+	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		calls = append(calls, r.Method+" "+r.URL.Path+" "+string(b))
+		mu.Unlock()
+		// The guest reacts to Ctrl-Alt-Del by ending, and Firecracker
+		// with it.
+		_ = syscall.Kill(vmmID.PID, syscall.SIGKILL)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+
+	putRow(t, reg, rtDir, id, registry.VMRunning, vmmID, Details{Jail: jail, Detached: true})
+	if err := reg.UpdateVM(ctx, id, func(r *registry.VM) error { r.Driver = vmm.Firecracker; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	res, err := rt.Stop(ctx, id, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	got := strings.Join(calls, "\n")
+	mu.Unlock()
+	if res.Method != string(vmmproc.StoppedGraceful) || !strings.Contains(got, "PUT /actions") || !strings.Contains(got, "SendCtrlAltDel") {
+		t.Errorf("stop = %+v, API calls %q; want a graceful stop through the jail's socket", res, got)
+	}
+	instance := filepath.Join(jail.ChrootBaseDir, filepath.Base(mustReal(t, fcBin)))
+	if _, err := os.Stat(filepath.Join(instance, id)); !os.IsNotExist(err) {
+		t.Errorf("jail of the stopped VM still there: %v", err)
+	}
+
+	// An orphaned runtime dir whose owner file names a jail.
+	const orphan = "jailed2"
+	dir := filepath.Join(rtDir, orphan)
+	if err := vmmproc.PrepareDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeOwner(dir, owner{Home: reg.Home(), ID: orphan, Jail: jail}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(instance, orphan, "root"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := rt.Reconcile(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Orphans) != 1 {
+		t.Errorf("orphans = %v", rep.Orphans)
+	}
+	if _, err := os.Stat(filepath.Join(instance, orphan)); !os.IsNotExist(err) {
+		t.Errorf("jail of the orphan still there: %v", err)
+	}
+}
+
+func mustReal(t *testing.T, p string) string {
+	t.Helper()
+	r, err := filepath.EvalSymlinks(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
