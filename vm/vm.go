@@ -15,6 +15,15 @@
 // A process is only ever signalled after its identity (PID, kernel start
 // time and binary, vmmproc.Identity) has been checked, so a PID reused by
 // another program is never killed.
+//
+// A networked VM (RunOptions.Network) gets its lease, TAP and rules from
+// the Network backend after every input was validated and its row was
+// recorded, and before its VMM is spawned; every teardown path above also
+// tears its network down, and a networked start first reclaims what VMs
+// that are gone left in the namespace. A jailed VM (RunOptions.Jail) runs
+// Firecracker under its jailer; its row and owner file record the jail,
+// so that Stop and Reconcile in another process find its API socket and
+// remove the jail.
 package vm
 
 import (
