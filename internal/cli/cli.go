@@ -112,6 +112,9 @@ Data lives in --home: $HYPHAE_HOME, else $XDG_DATA_HOME/hyphae, else
 		},
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError(err) })
+	// Suggest only near-certain typos ("lgs" → logs): with cobra's default
+	// of 2, short unrelated words already match some command.
+	root.SuggestionsMinimumDistance = 1
 	f := root.PersistentFlags()
 	f.BoolVar(&a.json, "json", false, "print machine-readable JSON on stdout")
 	f.BoolVarP(&a.quiet, "quiet", "q", false, "print only essential output (no progress)")

@@ -398,6 +398,14 @@ func TestCgroupsReal(t *testing.T) {
 	for _, version := range []int{2, 1} {
 		t.Run(fmt.Sprintf("v%d", version), func(t *testing.T) {
 			if err := CheckCgroups(version); err != nil {
+				// A host offers the cpu and memory controllers on one
+				// hierarchy only, and installing packages cannot move
+				// them; the version that is missing here is not a
+				// prerequisite CI could provide, as long as the other one
+				// is tested.
+				if CheckCgroups(3-version) == nil {
+					testenv.Optional(t, fmt.Sprintf("cgroup v%d cannot hold the limits on this host (%v); v%d is tested instead", version, err, 3-version))
+				}
 				testenv.Unavailable(t, fmt.Sprintf("cgroup v%d cannot hold the limits here: %v", version, err))
 			}
 			o := JailOptions{CgroupVersion: version}.withDefaults()
