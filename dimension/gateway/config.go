@@ -135,7 +135,9 @@ func ParseConfig(args []string, getenv func(string) string, out io.Writer) (Conf
 	bind("mock", "run bundles as host processes instead of microVMs (no VMM needed)", (*boolValue)(&c.Mock))
 	bind("data-dir", "directory for the store, the embedded NATS server, images and uploads", (*stringValue)(&c.DataDir))
 	bind("nats-url", "external NATS server or cluster (default: embedded)", (*stringValue)(&c.NATSURL))
-	bind("database-url", "PostgreSQL URL (default: SQLite under the data dir)", (*stringValue)(&c.DatabaseURL))
+	// DATABASE_URL is the conventional name; DIMENSION_DATABASE_URL wins.
+	c.DatabaseURL = getenv("DATABASE_URL")
+	bind("database-url", "PostgreSQL URL (default: $DATABASE_URL, else SQLite under the data dir)", (*stringValue)(&c.DatabaseURL))
 	bind("worker-id", "name of this host in events (default: the host name)", (*stringValue)(&c.WorkerID))
 	bind("boot-timeout-secs", "default boot timeout", (*secondsValue)(&c.BootTimeout))
 	bind("processing-timeout-secs", "default processing timeout", (*secondsValue)(&c.ProcessingTimeout))

@@ -43,6 +43,12 @@ func TestParseConfig(t *testing.T) {
 			[]string{"--port", "9090", "--mock", "--max-concurrent=3"}, func(c Config) bool {
 				return c.Port == 9090 && c.Mock && c.MaxConcurrent == 3
 			}, ""},
+		{"DATABASE_URL", map[string]string{"DATABASE_URL": "postgres://plain/x"}, nil, func(c Config) bool {
+			return c.DatabaseURL == "postgres://plain/x"
+		}, ""},
+		{"DIMENSION_DATABASE_URL wins", map[string]string{"DATABASE_URL": "postgres://plain/x", "DIMENSION_DATABASE_URL": "postgres://dim/x"}, nil, func(c Config) bool {
+			return c.DatabaseURL == "postgres://dim/x"
+		}, ""},
 		{"bad env int", map[string]string{"DIMENSION_PORT": "x"}, nil, nil, "DIMENSION_PORT"},
 		{"bad env bool", map[string]string{"DIMENSION_MOCK": "yes please"}, nil, nil, "DIMENSION_MOCK"},
 		{"negative secs", map[string]string{"DIMENSION_DRAIN_TIMEOUT_SECS": "-1"}, nil, nil, "DIMENSION_DRAIN_TIMEOUT_SECS"},
