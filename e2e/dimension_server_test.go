@@ -238,8 +238,14 @@ type reply struct {
 	body   []byte
 }
 
-// do sends a request with the token and reads the whole answer.
+// do sends a request with the admin token and reads the whole answer.
 func (s *dimServer) do(method, path, contentType string, body io.Reader) reply {
+	s.t.Helper()
+	return s.doAs(s.token, method, path, contentType, body)
+}
+
+// doAs sends a request with token and reads the whole answer.
+func (s *dimServer) doAs(token, method, path, contentType string, body io.Reader) reply {
 	s.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), dimRequestTimeout)
 	defer cancel()
@@ -247,7 +253,7 @@ func (s *dimServer) do(method, path, contentType string, body io.Reader) reply {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	req.Header.Set("Authorization", "Bearer "+s.token)
+	req.Header.Set("Authorization", "Bearer "+token)
 	if contentType != "" {
 		req.Header.Set("Content-Type", contentType)
 	}

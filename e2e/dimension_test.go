@@ -131,6 +131,25 @@ func TestDimension(t *testing.T) {
 		}
 	})
 
+	t.Run("another user's run is not found", func(t *testing.T) {
+		if len(goRun) == 0 {
+			t.Skip("no async run")
+		}
+		var u struct {
+			APIKey string `json:"api_key"`
+		}
+		s.postJSON("/admin/users", map[string]string{"name": "stranger"}).expect(t, "create a user", http.StatusCreated, &u)
+		id := goRun[0].ev.RunID
+		for _, r := range []struct{ method, path string }{
+			{"GET", "/runs/" + id + "/events"}, {"GET", "/invocations/" + id}, {"POST", "/run/" + id + "/stop"},
+			{"GET", "/bundles/" + goBundle.ID}, {"GET", "/bundles/jobs/" + job.JobID},
+		} {
+			s.doAs(u.APIKey, r.method, r.path, "", nil).expect(t, "stranger "+r.method+" "+r.path, http.StatusNotFound, nil)
+		}
+		res := s.doAs(u.APIKey, "POST", "/run", "application/json", strings.NewReader(`{"bundle_id":"echo-go:v1"}`))
+		res.expect(t, "stranger runs another's bundle", http.StatusNotFound, nil)
+	})
+
 	t.Run("non-zero exit", func(t *testing.T) {
 		payload := `{"exit_code":3}`
 		res := syncRun(t, s, "echo-go:v1", payload, http.StatusOK)
@@ -305,6 +324,13 @@ func TestDimension(t *testing.T) {
 	}
 	if h.RunningVMs != 0 || h.Status != "ok" {
 		t.Errorf("health after the runs = %+v, want nothing running", h)
+	}
+	// Each run tore its VM down itself, before the gateway stops.
+	if pids := qemuProcesses(s.dir); len(pids) > 0 {
+		t.Errorf("qemu processes left by the runs: %v", pids)
+	}
+	if left := dirsIn(s.rtDir); len(left) > 0 {
+		t.Errorf("runtime dirs left by the runs: %v", left)
 	}
 	s.stop()
 	if pids := qemuProcesses(s.dir); len(pids) > 0 {
