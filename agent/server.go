@@ -48,8 +48,10 @@ func (c *connProgress) Read(p []byte) (int, error) {
 }
 
 // settleTimeout bounds how long a stderr line waits for event frames the
-// bundle wrote before it.
-const settleTimeout = 100 * time.Millisecond
+// bundle wrote before it. Under backpressure from a slow host relaying
+// those frames takes a while, so the bound is generous; only a bundle that
+// stalls mid-frame makes its own stderr wait that long.
+const settleTimeout = 2 * time.Second
 
 // settle waits, up to settleTimeout, until the event bytes the bundle had
 // written when settle was called have been relayed. The events socket and

@@ -90,13 +90,17 @@ func TestVMBackend(t *testing.T) {
 
 	t.Run("stop", func(t *testing.T) {
 		req := vmReq(t, imgs.sleeper, `{}`)
-		res := make(chan Outcome, 1)
-		go func() { res <- r.Run(context.Background(), nil, req) }()
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		var out Outcome
+		go func() { out = r.Run(ctx, nil, req); close(done) }()
+		// A failing assertion must not leave the VM running past the test.
+		t.Cleanup(func() { cancel(); <-done })
 		waitForKind(t, e, req.RunID, "sleeping")
 		if err := r.Stop(req.RunID); err != nil {
 			t.Fatal(err)
 		}
-		out := <-res
+		<-done
 		if out.Status != StatusStopped || out.ExitCode != 42 {
 			t.Fatalf("outcome %+v", out)
 		}
