@@ -395,6 +395,26 @@ type sseStream struct {
 
 // openEvents opens a run's event stream, resuming after lastID when it is
 // not empty. Every read is bounded by dimRequestTimeout from the open.
+// eventsStatus returns the status of GET /runs/{id}/events after lastID,
+// without reading the stream.
+func (s *dimServer) eventsStatus(t *testing.T, id, lastID string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), dimRequestTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", s.url+"/runs/"+id+"/events", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+s.token)
+	req.Header.Set("Last-Event-ID", lastID)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET events of %s: %v", id, err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
 func (s *dimServer) openEvents(t *testing.T, id, lastID string) *sseStream {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), dimRequestTimeout)

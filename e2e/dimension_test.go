@@ -123,11 +123,15 @@ func TestDimension(t *testing.T) {
 		}
 		checkInvocation(t, s, id, goBundle.ID, "async", "completed", 0)
 
-		// Resuming a finished run replays exactly the rest, the same frames.
+		// Resuming a finished run replays exactly the rest, the same
+		// frames; after the last one there is nothing, and 204 says so.
 		n := len(goRun)
-		for _, k := range []int{0, 1, 4, n - 1, n} {
+		for _, k := range []int{0, 1, 4, n - 1} {
 			got := s.openEvents(t, id, strconv.Itoa(k)).rest()
 			sameFrames(t, fmt.Sprintf("resume after %d of %d", k, n), got, goRun[k:])
+		}
+		if st := s.eventsStatus(t, id, strconv.Itoa(n)); st != http.StatusNoContent {
+			t.Fatalf("resume after the last event: status %d, want 204", st)
 		}
 	})
 

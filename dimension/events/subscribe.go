@@ -22,7 +22,13 @@ type Subscription struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	err    error // set before done is closed
+	ended  bool  // the run had completed at or before the starting point
 }
+
+// Ended reports that there is nothing to deliver: the run had already
+// completed at or before the point the subscription started from (a
+// client resuming after the last event).
+func (s *Subscription) Ended() bool { return s.ended }
 
 // Events returns the channel of events. It is closed after the completed
 // event, when the subscription's context ends, on Close, or on failure
@@ -167,7 +173,7 @@ func (l *Log) pump(ctx context.Context, runID string, last uint64, it jetstream.
 // endedSubscription is the subscription of a reader that resumes after a
 // run's completed event: there is nothing more to send.
 func endedSubscription() *Subscription {
-	s := &Subscription{ch: make(chan Event), cancel: func() {}, done: make(chan struct{})}
+	s := &Subscription{ch: make(chan Event), cancel: func() {}, done: make(chan struct{}), ended: true}
 	close(s.ch)
 	close(s.done)
 	return s

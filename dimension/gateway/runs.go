@@ -208,6 +208,13 @@ func (s *Server) runEvents(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	defer sub.Close()
+	if sub.Ended() {
+		// Resuming after the completed event: nothing is left. 204 tells
+		// an EventSource not to reconnect (an empty 200 stream would make
+		// it reconnect forever).
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
 	// From here the response has started: failures can only end the
 	// stream (a client resumes with Last-Event-ID).
 	if err := sse.Stream(w, r, sub.Events(), sse.Options{Heartbeat: s.opts.Heartbeat}); err != nil {
