@@ -395,19 +395,27 @@ type sseStream struct {
 
 // openEvents opens a run's event stream, resuming after lastID when it is
 // not empty. Every read is bounded by dimRequestTimeout from the open.
+// eventsRequest is GET /runs/{id}/events after lastID ("" for all).
+func (s *dimServer) eventsRequest(t *testing.T, ctx context.Context, id, lastID string) *http.Request {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, "GET", s.url+"/runs/"+id+"/events", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+s.token)
+	if lastID != "" {
+		req.Header.Set("Last-Event-ID", lastID)
+	}
+	return req
+}
+
 // eventsStatus returns the status of GET /runs/{id}/events after lastID,
 // without reading the stream.
 func (s *dimServer) eventsStatus(t *testing.T, id, lastID string) int {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), dimRequestTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, "GET", s.url+"/runs/"+id+"/events", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+s.token)
-	req.Header.Set("Last-Event-ID", lastID)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := http.DefaultClient.Do(s.eventsRequest(t, ctx, id, lastID))
 	if err != nil {
 		t.Fatalf("GET events of %s: %v", id, err)
 	}
@@ -418,16 +426,7 @@ func (s *dimServer) eventsStatus(t *testing.T, id, lastID string) int {
 func (s *dimServer) openEvents(t *testing.T, id, lastID string) *sseStream {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), dimRequestTimeout)
-	req, err := http.NewRequestWithContext(ctx, "GET", s.url+"/runs/"+id+"/events", nil)
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+s.token)
-	if lastID != "" {
-		req.Header.Set("Last-Event-ID", lastID)
-	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := http.DefaultClient.Do(s.eventsRequest(t, ctx, id, lastID))
 	if err != nil {
 		cancel()
 		t.Fatalf("GET events of %s: %v", id, err)
