@@ -162,14 +162,11 @@ func (s *Server) track(parent context.Context, id string) (ctx context.Context, 
 // stopRun stops one of the caller's runs in progress on this gateway; it
 // completes as stopped. A finished run is 409.
 func (s *Server) stopRun(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r, "id")
+	inv, err := s.callersInvocation(r)
 	if err != nil {
 		return err
 	}
-	inv, err := s.store.GetInvocation(r.Context(), callerOf(r).User.ID, id)
-	if err != nil {
-		return err
-	}
+	id := inv.ID
 	if inv.Status.Final() {
 		return apiErr(http.StatusConflict, CodeConflict, "the run has already finished ("+string(inv.Status)+")").
 			withDetails(map[string]any{"invocation_id": id, "status": inv.Status})
@@ -192,13 +189,11 @@ func (s *Server) stopRun(w http.ResponseWriter, r *http.Request) error {
 // Last-Event-ID (or ?from_seq=) and ending after the completed event. A
 // reader holds no run permit.
 func (s *Server) runEvents(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r, "id")
+	inv, err := s.callersInvocation(r)
 	if err != nil {
 		return err
 	}
-	if _, err := s.store.GetInvocation(r.Context(), callerOf(r).User.ID, id); err != nil {
-		return err
-	}
+	id := inv.ID
 	after, err := sse.ParseResume(r)
 	if err != nil {
 		return err
@@ -234,14 +229,21 @@ type invocationView struct {
 }
 
 func (s *Server) getInvocation(w http.ResponseWriter, r *http.Request) error {
-	id, err := pathID(r, "id")
+	inv, err := s.callersInvocation(r)
 	if err != nil {
 		return err
 	}
-	inv, err := s.store.GetInvocation(r.Context(), callerOf(r).User.ID, id)
-	if err != nil {
-		return err
-	}
+	id := inv.ID
 	writeJSON(w, http.StatusOK, invocationView{Invocation: inv, EventsURL: eventsURL(id)})
 	return nil
+}
+
+// callersInvocation returns the invocation named by the path's {id} when
+// the caller owns it; another owner's id is not found, like a missing one.
+func (s *Server) callersInvocation(r *http.Request) (store.Invocation, error) {
+	id, err := pathID(r, "id")
+	if err != nil {
+		return store.Invocation{}, err
+	}
+	return s.store.GetInvocation(r.Context(), callerOf(r).User.ID, id)
 }
