@@ -85,10 +85,8 @@ func openModuleTree(ctx context.Context, dir string) (*moduleTree, error) {
 		if err == nil {
 			err = errors.New("not a directory")
 		}
-		e := errcode.New(errcode.ModulesNotFound, "kernel modules tree %s: %v", dir, err).
-			WithHint("fetch the kernel with scripts/fetch-kernel.sh, which keeps its modules")
-		e.Err = err
-		return nil, e
+		return nil, &errcode.Error{Code: errcode.ModulesNotFound, Message: "kernel modules tree " + dir, Err: err,
+			Hint: "fetch the kernel with scripts/fetch-kernel.sh, which keeps its modules"}
 	}
 	t := &moduleTree{dir: dir, files: map[string]string{}, builtin: map[string]bool{}}
 	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {

@@ -121,8 +121,7 @@ func (n *namespace) enableForwarding() (bool, error) {
 // kernel refused for lack of privilege.
 func permissionCode(code errcode.Code, err error, what string) error {
 	if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES) {
-		return errcode.New(errcode.NotRoot, "%s: %v", what, err).
-			WithHint("networking needs root (or CAP_NET_ADMIN)")
+		return &errcode.Error{Code: errcode.NotRoot, Message: what, Err: err, Hint: "networking needs root (or CAP_NET_ADMIN)"}
 	}
 	return errcode.Wrap(code, err, "%s", what)
 }

@@ -98,8 +98,8 @@ func (rt *Runtime) FetchDebianKernel(ctx context.Context, cacheDir, name string)
 		cacheDir = kernel.DefaultCacheDir
 	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
-		return Kernel{}, errcode.New(errcode.FetchFailed, "create %s: %v", cacheDir, err).
-			WithHint("run as root, or pick a writable --cache-dir")
+		return Kernel{}, &errcode.Error{Code: errcode.FetchFailed, Message: "create " + cacheDir, Err: err,
+			Hint: "run as root, or pick a writable --cache-dir"}
 	}
 	p, err := kernel.FetchDebian(ctx, cacheDir)
 	if err != nil {
