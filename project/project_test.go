@@ -507,6 +507,10 @@ edition = "2021"
 			if !strings.Contains(err.Error(), tt.wantMsg) {
 				t.Errorf("error %q lacks %q", err, tt.wantMsg)
 			}
+			var ee *exec.ExitError
+			if tt.wantCode == errcode.ProjectBuildFailed && !errors.As(err, &ee) {
+				t.Errorf("build error %q does not keep the tool's exit status as its cause", err)
+			}
 			assertEmpty(t, stage)
 		})
 	}

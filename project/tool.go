@@ -101,11 +101,9 @@ func (t tool) build(ctx context.Context, opts Options) error {
 		if !errors.As(err, &ee) {
 			return errcode.Wrap(errcode.SpawnFailed, err, "starting `%s`", t)
 		}
-		e := errcode.New(errcode.ProjectBuildFailed, "`%s` in %s failed (%v):\n%s", t, t.dir, err, tail.String())
-		if t.hint != "" {
-			e.WithHint(t.hint)
-		}
-		return e
+		// The cause (the *exec.ExitError) stays in the chain for callers
+		// that want the exit status; it renders after the output's tail.
+		return wrapHint(errcode.ProjectBuildFailed, err, t.hint, "`%s` in %s failed:\n%s", t, t.dir, tail.String())
 	}
 	return nil
 }
