@@ -306,9 +306,14 @@ func TestShutdownRequest(t *testing.T) {
 			h := startAgent(t, Config{Program: shProgram(tt.script)})
 			h.request(`{}`)
 			acked := false
+			// The write runs beside collect (the pipe blocks until the
+			// agent reads), so its error is checked here, not Fatal'd there.
+			written := make(chan error, 1)
 			o := h.collect(func(env *pb.Envelope) {
 				if env.GetOutbound().GetKind() == KindStderr && string(env.GetOutbound().GetBody()) == "ready" {
-					go h.send(&pb.Envelope{Payload: &pb.Envelope_ShutdownRequest{ShutdownRequest: &pb.ShutdownRequest{Reason: "test", GraceMs: tt.grace}}})
+					go func() {
+						written <- h.write(&pb.Envelope{Payload: &pb.Envelope_ShutdownRequest{ShutdownRequest: &pb.ShutdownRequest{Reason: "test", GraceMs: tt.grace}}})
+					}()
 				}
 				if env.GetShutdownAck() != nil {
 					acked = true
@@ -316,6 +321,10 @@ func TestShutdownRequest(t *testing.T) {
 			})
 			if !acked || o.code != tt.code {
 				t.Fatalf("acked %v, exit code %d, want %d", acked, o.code, tt.code)
+			}
+			// Acked means the agent read the request: the write has ended.
+			if err := <-written; err != nil {
+				t.Fatalf("host write: %v", err)
 			}
 		})
 	}

@@ -221,10 +221,15 @@ func startAgent(t *testing.T, cfg Config) *fakeHost {
 
 func (h *fakeHost) send(env *pb.Envelope) {
 	h.t.Helper()
-	env.RequestId = "req-1"
-	if err := h.w.WriteEnvelope(env); err != nil {
+	if err := h.write(env); err != nil {
 		h.t.Fatalf("host write: %v", err)
 	}
+}
+
+// write sends env as the host; unlike send it may run in any goroutine.
+func (h *fakeHost) write(env *pb.Envelope) error {
+	env.RequestId = "req-1"
+	return h.w.WriteEnvelope(env)
 }
 
 func (h *fakeHost) request(payload string) {
