@@ -49,9 +49,6 @@ func TreeDigest(ctx context.Context, dir, salt string) (string, error) {
 		return d.entry(p, filepath.ToSlash(rel))
 	})
 	if err != nil {
-		if ctx.Err() != nil {
-			return "", ctx.Err()
-		}
 		return "", errcode.Wrap(errcode.StagingFailed, err, "digest staged tree")
 	}
 	return "sha256:" + hex.EncodeToString(d.h.Sum(nil)), nil
@@ -229,9 +226,6 @@ func NormalizeTimes(ctx context.Context, dir string, t time.Time) error {
 		return unix.UtimesNanoAt(unix.AT_FDCWD, p, ts, unix.AT_SYMLINK_NOFOLLOW)
 	})
 	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
 		return errcode.Wrap(errcode.StagingFailed, err, "set times in staged tree")
 	}
 	return nil

@@ -2,6 +2,7 @@ package rootfs
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/hyphae-run/hyphae/errcode"
 )
 
 func TestTreeDigest(t *testing.T) {
@@ -126,5 +129,27 @@ func TestNormalizeTimes(t *testing.T) {
 		if err != nil || !fi.ModTime().Equal(Epoch()) {
 			t.Errorf("%s mtime %v (%v)", p, fi.ModTime(), err)
 		}
+	}
+}
+
+// TestWalksCancelled: a cancelled walk is a coded error that still matches
+// context.Canceled.
+func TestWalksCancelled(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "a", "a")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	walks := map[string]func() error{
+		"TreeDigest":     func() error { _, err := TreeDigest(ctx, dir, ""); return err },
+		"Measure":        func() error { _, err := Measure(ctx, dir); return err },
+		"NormalizeTimes": func() error { return NormalizeTimes(ctx, dir, Epoch()) },
+	}
+	for name, walk := range walks {
+		t.Run(name, func(t *testing.T) {
+			err := walk()
+			if !errcode.HasCode(err, errcode.StagingFailed) || !errors.Is(err, context.Canceled) {
+				t.Errorf("err = %v, want %s wrapping context.Canceled", err, errcode.StagingFailed)
+			}
+		})
 	}
 }

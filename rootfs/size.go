@@ -73,9 +73,6 @@ func Measure(ctx context.Context, dir string) (Usage, error) {
 		return nil
 	})
 	if err != nil {
-		if ctx.Err() != nil {
-			return Usage{}, ctx.Err()
-		}
 		return Usage{}, errcode.Wrap(errcode.StagingFailed, err, "measure staged tree")
 	}
 	return u, nil
