@@ -352,21 +352,7 @@ func (m *Machine) Kill() error {
 	if p == nil {
 		return nil
 	}
-	return killAndReap(p)
-}
-
-func killAndReap(p *vmmproc.Process) error {
-	if err := p.Kill(); err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), killWait)
-	defer cancel()
-	select {
-	case <-p.Done():
-		return nil
-	case <-ctx.Done():
-		return errcode.New(errcode.StopFailed, "firecracker (pid %d) still running %s after SIGKILL", p.PID(), killWait)
-	}
+	return p.KillWait(killWait)
 }
 
 // Console opens the console log (the guest's serial port) from its start.
@@ -453,7 +439,7 @@ func (m *Machine) Cleanup() error {
 func (m *Machine) teardownLocked() error {
 	var errs []error
 	if m.proc != nil && !m.proc.Exited() {
-		errs = append(errs, killAndReap(m.proc))
+		errs = append(errs, m.proc.KillWait(killWait))
 	}
 	m.client.Close()
 	errs = append(errs, vmmproc.RemoveDir(m.dir))

@@ -170,8 +170,7 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 	defer func() {
 		if err != nil {
 			if proc != nil {
-				_ = proc.Kill()
-				<-proc.Done()
+				_ = proc.KillWait(cleanupKillWait)
 			}
 			_ = vmmproc.RemoveDir(m.dir)
 		}
@@ -398,7 +397,8 @@ func (m *Machine) Accel() string {
 	return m.accel
 }
 
-// cleanupKillWait bounds how long Cleanup waits for a QEMU it had to kill.
+// cleanupKillWait bounds how long Start's rollback and Cleanup wait for a
+// QEMU they had to kill.
 const cleanupKillWait = 5 * time.Second
 
 // Cleanup kills QEMU if it still runs and removes the runtime directory
@@ -408,10 +408,7 @@ func (m *Machine) Cleanup() error {
 	p := m.proc
 	m.mu.Unlock()
 	if p != nil && !p.Exited() {
-		_ = p.Kill()
-		ctx, cancel := context.WithTimeout(context.Background(), cleanupKillWait)
-		defer cancel()
-		if err := p.Wait(ctx); errcode.HasCode(err, errcode.Timeout) {
+		if err := p.KillWait(cleanupKillWait); err != nil {
 			return errcode.Wrap(errcode.StopFailed, err, "qemu of vm %s", m.spec.ID)
 		}
 	}

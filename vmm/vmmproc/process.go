@@ -257,6 +257,19 @@ func (p *Process) Signal(sig syscall.Signal) error {
 // Kill sends SIGKILL and does not wait.
 func (p *Process) Kill() error { return p.Signal(syscall.SIGKILL) }
 
+// KillWait sends SIGKILL and waits up to timeout for the process to be
+// gone (a child: reaped). A process that outlives timeout (stuck in the
+// kernel) is an errcode.StopFailed error rather than a wait without end.
+func (p *Process) KillWait(timeout time.Duration) error {
+	if err := p.Kill(); err != nil {
+		return err
+	}
+	if !p.waitUntil(context.Background(), time.Now().Add(timeout)) {
+		return errcode.New(errcode.StopFailed, "%s (pid %d) still running %s after SIGKILL", p.id.Binary, p.id.PID, timeout)
+	}
+	return nil
+}
+
 // Release frees the pidfd of an attached process. The process itself is
 // left alone.
 func (p *Process) Release() {

@@ -336,6 +336,23 @@ func TestStopCancelledContextStillKills(t *testing.T) {
 	}
 }
 
+func TestKillWait(t *testing.T) {
+	p, logPath := start(t, "trap '' TERM; echo ready; while :; do sleep 0.05; done")
+	waitLog(t, logPath, "ready")
+	if err := p.KillWait(5 * time.Second); err != nil {
+		t.Fatalf("KillWait = %v", err)
+	}
+	if !p.Exited() {
+		t.Error("KillWait returned before the process was reaped")
+	}
+	if code := p.ExitCode(); code != -1 {
+		t.Errorf("ExitCode = %d, want -1 (killed by a signal)", code)
+	}
+	if err := p.KillWait(time.Second); err != nil {
+		t.Errorf("KillWait after exit = %v, want nil", err)
+	}
+}
+
 func TestAttach(t *testing.T) {
 	p, _ := startProgram(t, "sleep", "30")
 	a, err := Attach(p.Identity(), nil)
