@@ -176,22 +176,44 @@ func multipartErr(err error) error {
 
 // spool copies src into a new temp file in dir, hashing it on the way, so
 // an upload is never held in memory. The request's MaxBytesReader bounds
-// it. On failure the file is removed.
+// it. A failed read is the client's (multipartErr); a failed write (a full
+// disk) is the gateway's, coded errcode.StagingFailed, so its cause is
+// logged rather than sent. On failure the file is removed.
 func spool(ctx context.Context, src io.Reader, dir, prefix string) (path string, size int64, digest string, err error) {
 	f, err := os.CreateTemp(dir, prefix+"*")
 	if err != nil {
 		return "", 0, "", errcode.Wrap(errcode.StagingFailed, err, "creating an upload file in %s", dir)
 	}
 	h := sha256.New()
-	size, err = io.Copy(io.MultiWriter(f, h), &ctxReader{ctx: ctx, r: src})
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	fw := &fileWriter{f: f}
+	size, err = io.Copy(io.MultiWriter(fw, h), &ctxReader{ctx: ctx, r: src})
+	cerr := f.Close()
+	switch {
+	case fw.err != nil || (err == nil && cerr != nil):
+		err = errcode.Wrap(errcode.StagingFailed, errors.Join(fw.err, cerr), "writing the upload file %s", f.Name())
+	case err != nil:
+		err = multipartErr(err)
 	}
 	if err != nil {
 		os.Remove(f.Name())
-		return "", 0, "", multipartErr(err)
+		return "", 0, "", err
 	}
 	return f.Name(), size, "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// fileWriter remembers its file's write error, which io.Copy does not
+// tell apart from a read error.
+type fileWriter struct {
+	f   *os.File
+	err error
+}
+
+func (w *fileWriter) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	if err != nil && w.err == nil {
+		w.err = err
+	}
+	return n, err
 }
 
 // ctxReader fails reads once ctx is done, so a cancelled request stops

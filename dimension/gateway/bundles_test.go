@@ -7,11 +7,14 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/hyphae-run/hyphae/dimension/store"
+	"github.com/hyphae-run/hyphae/errcode"
+	"github.com/hyphae-run/hyphae/internal/testenv"
 	"github.com/hyphae-run/hyphae/registry"
 )
 
@@ -228,5 +231,27 @@ func TestListGetDeleteBundles(t *testing.T) {
 	// The image stays: another bundle may use it.
 	if _, err := os.Stat(e.reg.ImagePath(fx.bundleDigest)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A write that fails on the gateway's side (its disk is full) is the
+// gateway's error, coded and mapped to a 5xx whose cause is not sent, not
+// the client's "malformed multipart body"; the partial file is removed.
+func TestSpoolDiskFull(t *testing.T) {
+	testenv.RequiresRoot(t)
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", dir).CombinedOutput(); err != nil {
+		testenv.Unavailable(t, "mounting a tmpfs: "+strings.TrimSpace(string(out)))
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	_, _, _, err := spool(context.Background(), strings.NewReader(strings.Repeat("x", 1<<20)), dir, "upload-")
+	if !errcode.HasCode(err, errcode.StagingFailed) {
+		t.Fatalf("spool on a full disk = %v; want %s", err, errcode.StagingFailed)
+	}
+	if ae := toAPIError(err); ae.Status != http.StatusInternalServerError || strings.Contains(ae.Message, dir) {
+		t.Fatalf("the client sees %d %q; want a 500 without the cause", ae.Status, ae.Message)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Fatalf("spool left %d files behind", len(left))
 	}
 }
