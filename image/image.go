@@ -433,10 +433,11 @@ func guestFiles(withAgent bool) (rootfs.Files, error) {
 // root, so it gets the usual 0755 rather than MkdirTemp's 0700.
 func newStage() (string, error) {
 	dir, err := os.MkdirTemp("", "hyphae-stage-")
-	if err == nil {
-		err = os.Chmod(dir, 0o755)
-	}
 	if err != nil {
+		return "", errcode.Wrap(errcode.StagingFailed, err, "create staging directory")
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		os.Remove(dir)
 		return "", errcode.Wrap(errcode.StagingFailed, err, "create staging directory")
 	}
 	return dir, nil
