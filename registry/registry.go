@@ -239,7 +239,8 @@ func (r *Registry) recover(ctx context.Context, cause error) (*sql.DB, error) {
 	return db, nil
 }
 
-// lockHome takes an exclusive flock on path, polling until ctx ends.
+// lockHome takes an exclusive flock on path, polling until ctx ends or
+// busyTimeout passes.
 func lockHome(ctx context.Context, path string) (func(), error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
