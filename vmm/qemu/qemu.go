@@ -310,9 +310,7 @@ func (m *Machine) Stop(ctx context.Context, timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	how, err := p.Stop(ctx, func(ctx context.Context) error {
-		return qmpExecute(ctx, m.path(QMPSocket), "send-key", ctrlAltDel())
-	}, timeout)
+	how, err := p.Stop(ctx, func(ctx context.Context) error { return RequestShutdown(ctx, m.dir) }, timeout)
 	if err != nil {
 		return err
 	}
