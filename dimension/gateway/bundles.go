@@ -320,9 +320,13 @@ func (s *Server) importJob(jobID, owner string, u upload) {
 
 // jobMessage is what a failed job shows its owner: the text of errors
 // about their archive (bad input, bad image, too big), and only "internal
-// error" for the gateway's own failures, which are logged.
+// error" for the gateway's own failures, which are logged: among the
+// root-filesystem codes, mkfs.ext4 and writing the staged tree fail on the
+// gateway's disk, and their text names its paths.
 func jobMessage(err error) string {
 	switch c := errcode.CodeOf(err); {
+	case c == errcode.MkfsFailed, c == errcode.StagingFailed:
+		return "internal error (see the gateway's log)"
 	case strings.HasPrefix(string(c), "E2"), strings.HasPrefix(string(c), "E4"), c == errcode.Draining:
 		return err.Error()
 	default:

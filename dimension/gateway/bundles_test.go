@@ -255,3 +255,27 @@ func TestSpoolDiskFull(t *testing.T) {
 		t.Fatalf("spool left %d files behind", len(left))
 	}
 }
+
+// A failed job shows its owner what was wrong with their archive, and
+// nothing of the gateway's own failures.
+func TestJobMessage(t *testing.T) {
+	tests := []struct {
+		err   error
+		shown bool
+	}{
+		{errcode.New(errcode.MalformedArchive, "layer 2 is not a tar"), true},
+		{errcode.New(errcode.InvalidName, "bad name"), true},
+		{errcode.New(errcode.SizeLimit, "over 1 GiB"), true},
+		{errcode.New(errcode.Draining, "shut down"), true},
+		{errcode.New(errcode.StagingFailed, "writing /var/lib/dimension/x: no space left on device"), false},
+		{errcode.New(errcode.MkfsFailed, "mkfs.ext4 /var/lib/dimension/y failed"), false},
+		{errcode.New(errcode.StoreError, "database is locked"), false},
+		{io.ErrUnexpectedEOF, false},
+	}
+	for _, tt := range tests {
+		got := jobMessage(tt.err)
+		if shown := got == tt.err.Error(); shown != tt.shown {
+			t.Errorf("jobMessage(%v) = %q; shown %v, want %v", tt.err, got, shown, tt.shown)
+		}
+	}
+}
