@@ -78,36 +78,41 @@ func CodeOf(err error) Code {
 	return ""
 }
 
-// HasCode reports whether any error in err's chain carries code.
+// HasCode reports whether any error in err's chain, joined errors
+// included, carries code.
 func HasCode(err error, code Code) bool {
+	return find(err, func(e *Error) bool { return e.Code == code }) != nil
+}
+
+// HintOf returns the first hint found in err's chain, joined errors
+// included (a failed build joined with a failed cleanup keeps its hint).
+func HintOf(err error) string {
+	if e := find(err, func(e *Error) bool { return e.Hint != "" }); e != nil {
+		return e.Hint
+	}
+	return ""
+}
+
+// find returns the first *Error in err's chain, depth first through joined
+// errors, for which match is true.
+func find(err error, match func(*Error) bool) *Error {
 	for err != nil {
-		if e, ok := err.(*Error); ok && e.Code == code {
-			return true
+		if e, ok := err.(*Error); ok && match(e) {
+			return e
 		}
 		switch u := err.(type) {
 		case interface{ Unwrap() error }:
 			err = u.Unwrap()
 		case interface{ Unwrap() []error }:
 			for _, inner := range u.Unwrap() {
-				if HasCode(inner, code) {
-					return true
+				if e := find(inner, match); e != nil {
+					return e
 				}
 			}
-			return false
+			return nil
 		default:
-			return false
+			return nil
 		}
 	}
-	return false
-}
-
-// HintOf returns the first hint found in err's chain.
-func HintOf(err error) string {
-	for err != nil {
-		if e, ok := err.(*Error); ok && e.Hint != "" {
-			return e.Hint
-		}
-		err = errors.Unwrap(err)
-	}
-	return ""
+	return nil
 }

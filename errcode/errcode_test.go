@@ -74,3 +74,10 @@ func TestHasCodeJoined(t *testing.T) {
 		t.Fatal("HasCode must look into joined errors")
 	}
 }
+
+func TestHintOfJoined(t *testing.T) {
+	err := errors.Join(New(InvalidSpec, "a"), fmt.Errorf("b: %w", New(InvalidArgument, "b").WithHint("fix b")))
+	if got := HintOf(err); got != "fix b" {
+		t.Fatalf("HintOf = %q, want the joined error's hint", got)
+	}
+}
