@@ -136,23 +136,30 @@ func followConsole(ctx context.Context, path string, done <-chan struct{}, fn fu
 		l.At = time.Now()
 		return fn(l)
 	}
+	// split emits the complete lines in pending, reporting false when fn
+	// stopped the follow.
+	split := func() bool {
+		for {
+			var cut int
+			if i := bytes.IndexByte(pending, '\n'); i >= 0 && i < maxLine {
+				cut = i + 1
+			} else if len(pending) >= maxLine {
+				cut = maxLine
+			} else {
+				return true
+			}
+			if !emit(pending[:cut]) {
+				return false
+			}
+			pending = append(pending[:0], pending[cut:]...)
+		}
+	}
 	for {
 		n, err := f.Read(buf)
 		if n > 0 {
 			pending = append(pending, buf[:n]...)
-			for {
-				var cut int
-				if i := bytes.IndexByte(pending, '\n'); i >= 0 && i < maxLine {
-					cut = i + 1
-				} else if len(pending) >= maxLine {
-					cut = maxLine
-				} else {
-					break
-				}
-				if !emit(pending[:cut]) {
-					return nil
-				}
-				pending = append(pending[:0], pending[cut:]...)
+			if !split() {
+				return nil
 			}
 			continue
 		}
@@ -165,6 +172,9 @@ func followConsole(ctx context.Context, path string, done <-chan struct{}, fn fu
 			// The VMM has exited: one more read catches what it wrote last.
 			if n, _ := f.Read(buf); n > 0 {
 				pending = append(pending, buf[:n]...)
+				if !split() {
+					return nil
+				}
 				continue
 			}
 			if len(pending) > 0 {

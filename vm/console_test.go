@@ -125,3 +125,51 @@ func TestFollowConsoleMissingLog(t *testing.T) {
 		t.Fatal("following a log that never appeared succeeded")
 	}
 }
+
+// TestFollowConsoleLastWrite covers lines the VMM writes just before it
+// exits, read only once done is closed: they must still be split into
+// lines, or a status line after a program line would go unrecognised.
+func TestFollowConsoleLastWrite(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "console.log")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	done := make(chan struct{})
+	first := make(chan struct{})
+	got := make(chan []Line, 1)
+	go func() {
+		var lines []Line
+		err := followConsole(context.Background(), path, done, func(l Line) bool {
+			if len(lines) == 0 {
+				close(first)
+			}
+			lines = append(lines, l)
+			return true
+		})
+		if err != nil {
+			t.Error(err)
+		}
+		got <- lines
+	}()
+	if _, err := f.WriteString("first\n"); err != nil {
+		t.Fatal(err)
+	}
+	<-first
+	// Let the follower reach the end of the log and wait there; then the
+	// last lines and the VMM's exit come together.
+	time.Sleep(10 * followPoll)
+	if _, err := f.WriteString("last\nhyphae-init: exit code=3\n"); err != nil {
+		t.Fatal(err)
+	}
+	close(done)
+	lines := <-got
+	var texts []string
+	for _, l := range lines {
+		texts = append(texts, l.Kind.String()+":"+l.Text)
+	}
+	if len(lines) != 3 || lines[1].Text != "last" || lines[2].Kind != LineStatus || lines[2].Status.ExitCode != 3 {
+		t.Errorf("lines %q, want first, last and the status line (exit code 3)", texts)
+	}
+}
