@@ -212,7 +212,7 @@ func (c Config) LogValue() slog.Value {
 	)
 }
 
-// redactURL drops a URL's password. A value that is not a URL (such as
+// redactURL drops a URL's password (and a NATS URL's token). A value that is not a URL (such as
 // PostgreSQL's key=value form, which may hold password=…) is shown only as
 // set.
 func redactURL(s string) string {
@@ -228,6 +228,9 @@ func redactURL(s string) string {
 		}
 		if _, has := u.User.Password(); has {
 			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+		} else if u.User != nil && u.Scheme != "postgres" && u.Scheme != "postgresql" {
+			// A lone user in a NATS URL is its token (nats://token@host).
+			u.User = url.User("xxxxx")
 		}
 		if q := u.Query(); q.Has("password") {
 			q.Set("password", "xxxxx")

@@ -90,16 +90,16 @@ func TestConfigLogValueHidesSecrets(t *testing.T) {
 	c := defaults(func(string) string { return "" })
 	c.Token = "supersecret-token"
 	c.DatabaseURL = "postgres://dim:pgsecret@db:5432/dim?sslmode=disable"
-	c.NATSURL = "nats://u:natssecret@n1:4222,nats://n2:4222"
+	c.NATSURL = "nats://u:natssecret@n1:4222,nats://n2:4222,nats://natstoken@n3:4222"
 	var buf bytes.Buffer
 	slog.New(slog.NewTextHandler(&buf, nil)).Info("start", "config", c)
 	out := buf.String()
-	for _, secret := range []string{"supersecret", "pgsecret", "natssecret"} {
+	for _, secret := range []string{"supersecret", "pgsecret", "natssecret", "natstoken"} {
 		if strings.Contains(out, secret) {
 			t.Fatalf("log shows %q: %s", secret, out)
 		}
 	}
-	for _, want := range []string{"token_set=true", "db:5432", "n2:4222", "max_concurrent=200"} {
+	for _, want := range []string{"token_set=true", "db:5432", "n2:4222", "n3:4222", "max_concurrent=200"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("log lacks %q: %s", want, out)
 		}
