@@ -102,7 +102,8 @@ type Server struct {
 	background sync.WaitGroup
 	// jobs bounds concurrent imports.
 	jobs chan struct{}
-	// jobCtx is cancelled by Shutdown's end to abandon imports.
+	// jobCtx is cancelled by Wait, once its wait is over, to abandon the
+	// imports still going.
 	jobCtx    context.Context
 	cancelJob context.CancelFunc
 }
