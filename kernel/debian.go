@@ -112,8 +112,10 @@ func resolveDebianPackage(ctx context.Context) (string, error) {
 	if m := dependsRe.FindSubmatch(out); err == nil && m != nil {
 		return string(m[1]), nil
 	}
-	return "", errcode.New(errcode.FetchFailed, "apt cannot resolve %s", DebianMetaPackage).
-		WithHint("run `apt-get update`; the host needs Debian's main archive in its sources")
+	// err, when apt-cache itself failed, is the cause; nil when it ran but
+	// named no kernel package.
+	return "", &errcode.Error{Code: errcode.FetchFailed, Message: "apt cannot resolve " + DebianMetaPackage, Err: err,
+		Hint: "run `apt-get update`; the host needs Debian's main archive in its sources"}
 }
 
 func downloadDebian(ctx context.Context, pkg, version, destDir, target, modules string) error {
