@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -111,5 +112,23 @@ func TestExternalServerUnreachable(t *testing.T) {
 	_, err = Open(testCtx(t), Options{URL: url})
 	if !errcode.HasCode(err, errcode.EventLogFailed) {
 		t.Fatalf("Open(%s): %v, want %s", url, err, errcode.EventLogFailed)
+	}
+}
+
+// Credentials in the URLs (a password, a token) stay out of Open's error,
+// which the gateway prints and logs.
+func TestExternalServerErrorHidesCredentials(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close() // nothing listens there now
+	_, err = Open(testCtx(t), Options{URL: "nats://tok-secret@" + addr + ",nats://u:pw-secret@" + addr})
+	if !errcode.HasCode(err, errcode.EventLogFailed) {
+		t.Fatalf("Open: %v, want %s", err, errcode.EventLogFailed)
+	}
+	if msg := err.Error(); strings.Contains(msg, "secret") || !strings.Contains(msg, addr) {
+		t.Fatalf("Open's error shows credentials or lacks the address: %s", msg)
 	}
 }

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -198,11 +200,31 @@ func (l *Log) connHandlers() nats.Option {
 	}
 }
 
+// where names the server for logs and errors: the external URLs without
+// their credentials (a password, or a lone user, which NATS takes as a
+// token), or the embedded server's directory.
 func (l *Log) where() string {
 	if l.opts.URL == "" {
 		return "embedded (" + l.opts.StoreDir + ")"
 	}
-	return l.opts.URL
+	return redactURLs(l.opts.URL)
+}
+
+// redactURLs replaces the user info of each of the comma-separated NATS
+// URLs in s; a part that does not parse is not shown.
+func redactURLs(s string) string {
+	parts := strings.Split(s, ",")
+	for i, p := range parts {
+		u, err := url.Parse(strings.TrimSpace(p))
+		switch {
+		case err != nil:
+			parts[i] = "(unparsable URL)"
+		case u.User != nil:
+			u.User = url.User("xxxxx")
+			parts[i] = u.String()
+		}
+	}
+	return strings.Join(parts, ",")
 }
 
 func (l *Log) shutdownServer() {
