@@ -147,7 +147,7 @@ func logOutcome(log *slog.Logger, out runner.Outcome) {
 // invocation exists (before the runner has registered it). done
 // unregisters it.
 func (s *Server) track(parent context.Context, id string) (ctx context.Context, done func()) {
-	ctx, cancel := context.WithCancel(parent)
+	ctx, cancel := context.WithCancelCause(parent)
 	s.activeMu.Lock()
 	s.active[id] = cancel
 	s.activeMu.Unlock()
@@ -155,7 +155,7 @@ func (s *Server) track(parent context.Context, id string) (ctx context.Context, 
 		s.activeMu.Lock()
 		delete(s.active, id)
 		s.activeMu.Unlock()
-		cancel()
+		cancel(nil)
 	}
 }
 
@@ -179,7 +179,7 @@ func (s *Server) stopRun(w http.ResponseWriter, r *http.Request) error {
 		return apiErr(http.StatusConflict, CodeConflict, "the run is not in progress on this gateway").
 			withDetails(map[string]any{"invocation_id": id, "status": inv.Status})
 	}
-	cancel()
+	cancel(runner.ErrStopRequested)
 	s.log.Info("run stop requested", "run", id, "by", callerOf(r).User.ID)
 	writeJSON(w, http.StatusAccepted, map[string]string{"invocation_id": id, "status": "stopping", "events_url": eventsURL(id)})
 	return nil

@@ -187,11 +187,11 @@ func TestStopRun(t *testing.T) {
 		t.Fatalf("stop answer %v", stopped)
 	}
 	evs := s.rest(t)
-	if c := completedOf(t, evs); c.Status != runner.StatusStopped || c.ExitCode != 42 {
+	if c := completedOf(t, evs); c.Status != runner.StatusStopped || c.ExitCode != 42 || c.Reason != "stop_requested" {
 		t.Fatalf("completed %+v (events %v)", c, kindsOf(evs))
 	}
 	inv := e.finalInvocation(key, id)
-	if inv.Status != store.StatusStopped {
+	if inv.Status != store.StatusStopped || inv.Error != "stop_requested" {
 		t.Fatalf("invocation %+v", inv)
 	}
 	// Stopping a finished run is a conflict.

@@ -95,9 +95,9 @@ type Server struct {
 
 	draining atomic.Bool
 	// active holds the cancel of every run this gateway is executing, by
-	// invocation id: cancelling it is a stop.
+	// invocation id: cancelling it with runner.ErrStopRequested is a stop.
 	activeMu sync.Mutex
-	active   map[string]context.CancelFunc
+	active   map[string]context.CancelCauseFunc
 	// background counts async runs and import jobs, so Shutdown can wait.
 	background sync.WaitGroup
 	// jobs bounds concurrent imports.
@@ -135,7 +135,7 @@ func New(opts Options) (*Server, error) {
 		mux:     http.NewServeMux(),
 		started: time.Now(),
 		jobs:    make(chan struct{}, opts.ImportJobs),
-		active:  map[string]context.CancelFunc{},
+		active:  map[string]context.CancelCauseFunc{},
 	}
 	s.jobCtx, s.cancelJob = context.WithCancel(context.Background())
 	s.routes()

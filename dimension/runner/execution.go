@@ -368,7 +368,7 @@ func readChannel(conn io.Reader, out chan<- inbound, quit <-chan struct{}) {
 // stopReason names why a run's context ended.
 func stopReason(ctx context.Context) string {
 	switch context.Cause(ctx) {
-	case errStopRequested:
+	case ErrStopRequested:
 		return "stop_requested"
 	case errDraining:
 		return "draining"

@@ -172,11 +172,13 @@ type activeRun struct {
 	cancel context.CancelCauseFunc
 }
 
-// Causes of a run's cancellation.
-var (
-	errStopRequested = errors.New("stop requested")
-	errDraining      = errors.New("the runner is draining")
-)
+// ErrStopRequested is the cause to cancel a run's context with (see
+// context.WithCancelCause) when someone asked for the stop: the run then
+// completes with reason "stop_requested" rather than "cancelled".
+var ErrStopRequested = errors.New("stop requested")
+
+// errDraining is the cause of the runs Drain stops.
+var errDraining = errors.New("the runner is draining")
 
 // New returns a Runner.
 func New(opts Options) (*Runner, error) {
@@ -261,7 +263,7 @@ func (r *Runner) Stop(runID string) error {
 	if !ok {
 		return errcode.New(errcode.NotFound, "no run %q is in progress", runID)
 	}
-	a.cancel(errStopRequested)
+	a.cancel(ErrStopRequested)
 	return nil
 }
 
