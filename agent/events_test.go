@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"testing"
 	"testing/iotest"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/hyphae-run/hyphae/errcode"
 )
@@ -109,4 +113,20 @@ func FuzzEventFrame(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestTransientAccept(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		want bool
+	}{
+		{unix.EMFILE, true},
+		{fmt.Errorf("accept: %w", unix.ECONNABORTED), true},
+		{net.ErrClosed, false},
+		{unix.EBADF, false},
+	} {
+		if got := transientAccept(tt.err); got != tt.want {
+			t.Errorf("transientAccept(%v) = %v, want %v", tt.err, got, tt.want)
+		}
+	}
 }

@@ -177,6 +177,13 @@ func (srv *eventServer) acceptLoop() {
 		cp, err := srv.acceptOne()
 		if err != nil {
 			<-srv.sem
+			if transientAccept(err) {
+				// Out of descriptors, or a client gone before it was
+				// accepted: later connections may well succeed.
+				srv.s.log.Warn("events socket accept failed; retrying", "err", err)
+				time.Sleep(acceptPoll)
+				continue
+			}
 			if !errors.Is(err, net.ErrClosed) {
 				srv.s.log.Warn("events socket accept failed", "err", err)
 			}
@@ -187,6 +194,17 @@ func (srv *eventServer) acceptLoop() {
 			srv.handle(cp)
 		})
 	}
+}
+
+// transientAccept reports accept errors after which accepting again can
+// succeed.
+func transientAccept(err error) bool {
+	for _, e := range []error{unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM, unix.ECONNABORTED, unix.EPROTO} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // acceptOne waits for a connection and accepts it with accept4 under
