@@ -1,7 +1,6 @@
 package project
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,33 +10,11 @@ import (
 	"strings"
 
 	"github.com/hyphae-run/hyphae/errcode"
+	"github.com/hyphae-run/hyphae/internal/tailbuf"
 )
 
 // tailSize bounds how much of a failing build's output goes into the error.
 const tailSize = 4 << 10
-
-// tailBuffer keeps the last tailSize bytes written to it.
-type tailBuffer struct{ buf []byte }
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.buf = append(t.buf, p...)
-	if over := len(t.buf) - tailSize; over > 0 {
-		t.buf = append(t.buf[:0], t.buf[over:]...)
-	}
-	return len(p), nil
-}
-
-// String returns the kept output, starting at a line boundary when
-// something was cut off.
-func (t *tailBuffer) String() string {
-	b := t.buf
-	if len(b) == tailSize {
-		if i := bytes.IndexByte(b, '\n'); i >= 0 {
-			b = b[i+1:]
-		}
-	}
-	return strings.TrimSpace(string(b))
-}
 
 // tool is one invocation of a build tool (cargo, go) in a project.
 type tool struct {
@@ -69,11 +46,11 @@ func (t tool) output(ctx context.Context) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	var stderr tailBuffer
-	cmd.Stderr = &stderr
+	stderr := tailbuf.New(tailSize)
+	cmd.Stderr = stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w\n%s", t, err, stderr.String())
+		return nil, fmt.Errorf("%s: %w\n%s", t, err, stderr.Lines())
 	}
 	return out, nil
 }
@@ -86,10 +63,10 @@ func (t tool) build(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
-	var tail tailBuffer
-	var out io.Writer = &tail
+	tail := tailbuf.New(tailSize)
+	var out io.Writer = tail
 	if opts.Progress != nil {
-		out = io.MultiWriter(&tail, opts.Progress)
+		out = io.MultiWriter(tail, opts.Progress)
 	}
 	cmd.Stdout, cmd.Stderr = out, out
 	opts.logger().Debug("running build", "dir", t.dir, "cmd", t.String(), "env", t.env)
@@ -103,7 +80,7 @@ func (t tool) build(ctx context.Context, opts Options) error {
 		}
 		// The cause (the *exec.ExitError) stays in the chain for callers
 		// that want the exit status; it renders after the output's tail.
-		return wrapHint(errcode.ProjectBuildFailed, err, t.hint, "`%s` in %s failed:\n%s", t, t.dir, tail.String())
+		return wrapHint(errcode.ProjectBuildFailed, err, t.hint, "`%s` in %s failed:\n%s", t, t.dir, tail.Lines())
 	}
 	return nil
 }

@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/mattn/go-isatty"
 
 	"github.com/hyphae-run/hyphae/errcode"
+	"github.com/hyphae-run/hyphae/internal/tailbuf"
 )
 
 // FormatVersion names the way this package lays out images. Package image
@@ -151,7 +151,7 @@ func MakeExt4(ctx context.Context, dir, out string, o MkfsOptions) (err error) {
 		"MKE2FS_CONFIG="+conf.Name(),
 		"E2FSPROGS_FAKE_TIME="+strconv.FormatInt(EpochUnix, 10),
 	)
-	tail := &tailBuffer{max: stderrTail}
+	tail := tailbuf.New(stderrTail)
 	cmd.Stdout, cmd.Stderr = tail, tail
 	log.Debug("mkfs.ext4", "args", args)
 
@@ -165,7 +165,7 @@ func MakeExt4(ctx context.Context, dir, out string, o MkfsOptions) (err error) {
 		}
 		return &errcode.Error{
 			Code:    errcode.MkfsFailed,
-			Message: fmt.Sprintf("mkfs.ext4 -d %s failed: %s", dir, strings.TrimSpace(tail.String())),
+			Message: fmt.Sprintf("mkfs.ext4 -d %s failed: %s", dir, tail.Lines()),
 			Hint:    "if it ran out of space or inodes, pass a larger --size",
 			Err:     err,
 		}
@@ -210,27 +210,4 @@ func showProgress(w io.Writer, img *os.File, start time.Time) func() {
 		}
 	})
 	return func() { close(done); wg.Wait() }
-}
-
-// tailBuffer keeps the last max bytes written to it.
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if over := len(t.b) - t.max; over > 0 {
-		t.b = append(t.b[:0], t.b[over:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.b)
 }

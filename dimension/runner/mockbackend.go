@@ -21,6 +21,7 @@ import (
 	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/guest"
 	"github.com/hyphae-run/hyphae/guestbin"
+	"github.com/hyphae-run/hyphae/internal/tailbuf"
 )
 
 // MockOptions configure the mock backend.
@@ -166,7 +167,7 @@ func (b *MockBackend) Start(ctx context.Context, req BootRequest) (Session, erro
 	if err != nil {
 		return nil, errcode.Wrap(errcode.StagingFailed, err, "creating the run directory")
 	}
-	s := &mockSession{dir: runDir, done: make(chan struct{}), log: b.log.With("run", req.RunID)}
+	s := &mockSession{dir: runDir, done: make(chan struct{}), log: b.log.With("run", req.RunID), output: tailbuf.New(consoleTailBytes)}
 	fail := func(err error) (Session, error) {
 		tail := s.ConsoleTail()
 		_ = s.Close()
@@ -197,8 +198,8 @@ func (b *MockBackend) Start(ctx context.Context, req BootRequest) (Session, erro
 	}
 	cmd.Dir = runDir
 	cmd.ExtraFiles = []*os.File{agentEnd}
-	cmd.Stdout = &s.output
-	cmd.Stderr = &s.output
+	cmd.Stdout = s.output
+	cmd.Stderr = s.output
 	// Its own process group keeps terminal signals meant for the server
 	// away; Pdeathsig makes the agent stop its bundle if the server dies.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
@@ -386,7 +387,7 @@ type mockSession struct {
 	conn   net.Conn
 	cmd    *exec.Cmd
 	done   chan struct{} // closed when the agent has exited
-	output tailBuffer
+	output *tailbuf.Buffer
 
 	once sync.Once
 	err  error
