@@ -37,7 +37,17 @@ type Fetcher struct {
 	Backoff time.Duration
 	// Logger gets retries; nil discards them.
 	Logger *slog.Logger
+	// StallTimeout abandons (and retries) an attempt that receives nothing
+	// for this long, so that a server that stops sending cannot hang a
+	// fetch whose context has no deadline; zero means DefaultStallTimeout.
+	StallTimeout time.Duration
 }
+
+// DefaultStallTimeout is Fetcher.StallTimeout's default.
+const DefaultStallTimeout = 30 * time.Second
+
+// errStalled is the cause of an attempt abandoned by the stall watchdog.
+var errStalled = errors.New("no data received")
 
 // Fetch downloads url into destDir with a zero Fetcher.
 func Fetch(ctx context.Context, url, sha256hex, destDir string) (string, error) {
@@ -134,7 +144,21 @@ func (f Fetcher) download(ctx context.Context, url string, tmp *os.File, h hash.
 	if err := tmp.Truncate(0); err != nil {
 		return permanentError{err}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	stallAfter := f.StallTimeout
+	if stallAfter <= 0 {
+		stallAfter = DefaultStallTimeout
+	}
+	reqCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	watchdog := time.AfterFunc(stallAfter, func() { cancel(errStalled) })
+	defer watchdog.Stop()
+	stalled := func(err error) error {
+		if errors.Is(context.Cause(reqCtx), errStalled) && ctx.Err() == nil {
+			return fmt.Errorf("%w for %s", errStalled, stallAfter)
+		}
+		return err
+	}
+	req, err := http.NewRequestWithContext(reqCtx, http.MethodGet, url, nil)
 	if err != nil {
 		return permanentError{err}
 	}
@@ -144,7 +168,7 @@ func (f Fetcher) download(ctx context.Context, url string, tmp *os.File, h hash.
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return err
+		return stalled(err)
 	}
 	defer resp.Body.Close()
 	switch {
@@ -157,9 +181,10 @@ func (f Fetcher) download(ctx context.Context, url string, tmp *os.File, h hash.
 	if resp.ContentLength > MaxKernelBytes {
 		return permanentError{errcode.New(errcode.SizeLimit, "kernel is %d bytes, the limit is %d", resp.ContentLength, MaxKernelBytes)}
 	}
-	n, err := io.Copy(io.MultiWriter(tmp, h), io.LimitReader(resp.Body, MaxKernelBytes+1))
+	body := &watchedReader{r: resp.Body, onData: func() { watchdog.Reset(stallAfter) }}
+	n, err := io.Copy(io.MultiWriter(tmp, h), io.LimitReader(body, MaxKernelBytes+1))
 	if err != nil {
-		return err
+		return stalled(err)
 	}
 	if n > MaxKernelBytes {
 		return permanentError{errcode.New(errcode.SizeLimit, "kernel exceeds %d bytes", MaxKernelBytes)}
@@ -170,6 +195,20 @@ func (f Fetcher) download(ctx context.Context, url string, tmp *os.File, h hash.
 		return fmt.Errorf("body cut short: %d of %d bytes", n, resp.ContentLength)
 	}
 	return nil
+}
+
+// watchedReader calls onData whenever a read returns bytes.
+type watchedReader struct {
+	r      io.Reader
+	onData func()
+}
+
+func (w *watchedReader) Read(p []byte) (int, error) {
+	n, err := w.r.Read(p)
+	if n > 0 {
+		w.onData()
+	}
+	return n, err
 }
 
 // ContentName is the file name of a kernel stored under its digest.

@@ -21,7 +21,7 @@ import (
 type kernelServer struct {
 	body     []byte
 	requests atomic.Int32
-	fail     func(n int32) string // "", "503", "404", "short"
+	fail     func(n int32) string // "", "503", "404", "short", "stall"
 }
 
 func (s *kernelServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -31,6 +31,13 @@ func (s *kernelServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "busy", http.StatusServiceUnavailable)
 	case "404":
 		http.NotFound(w, r)
+	case "stall":
+		// Headers and half the body, then nothing until the client
+		// gives up.
+		w.Header().Set("Content-Length", strconv.Itoa(len(s.body)))
+		w.Write(s.body[:len(s.body)/2])
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
 	case "short":
 		w.Header().Set("Content-Length", strconv.Itoa(len(s.body)))
 		w.Write(s.body[:len(s.body)/2])
@@ -82,6 +89,13 @@ func TestFetch(t *testing.T) {
 		}, false, "", 2},
 		{"body always cut short", func(int32) string { return "short" }, false, errcode.FetchFailed, 3},
 		{"always unavailable", func(int32) string { return "503" }, false, errcode.FetchFailed, 3},
+		{"stalls once then succeeds", func(n int32) string {
+			if n == 1 {
+				return "stall"
+			}
+			return ""
+		}, false, "", 2},
+		{"always stalls", func(int32) string { return "stall" }, false, errcode.FetchFailed, 3},
 		{"not found is not retried", func(int32) string { return "404" }, false, errcode.FetchFailed, 1},
 		{"wrong hash is not retried", never, true, errcode.ChecksumMismatch, 1},
 	}
@@ -93,7 +107,7 @@ func TestFetch(t *testing.T) {
 				want = digest([]byte("something else"))
 			}
 			dir := filepath.Join(t.TempDir(), "kernels")
-			f := Fetcher{Attempts: 3, Backoff: time.Millisecond}
+			f := Fetcher{Attempts: 3, Backoff: time.Millisecond, StallTimeout: 200 * time.Millisecond}
 			path, err := f.Fetch(context.Background(), url, want, dir)
 			if got := ks.requests.Load(); got != tt.wantRequests {
 				t.Errorf("%d requests, want %d", got, tt.wantRequests)
