@@ -20,6 +20,7 @@ install: ## go install every binary (statically linked)
 	$(GO) install -trimpath ./cmd/...
 
 test: deps ## install what the tests need, then run every test with real VMs required
+	cd sdk/js && node --test
 	HYPHAE_E2E=require HYPHAE_TEST_KERNEL=$(KERNELS)/vmlinuz \
 	HYPHAE_TEST_DATABASE_URL="$$(./scripts/postgres.sh)" \
 		$(GO) test -count=1 -p 2 -timeout 25m ./...

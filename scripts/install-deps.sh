@@ -16,5 +16,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Node.js builds and tests the JavaScript example and SDK; the machine image
+# usually ships one, Debian's is enough otherwise.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "installing: nodejs npm" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
 # The test kernel: Debian's cloud kernel, cached outside the repository.
 "$(dirname "$0")/fetch-kernel.sh" "${HYPHAE_KERNEL_CACHE:-/var/cache/hyphae/kernels}" >/dev/null
