@@ -81,7 +81,7 @@ func TestDimension(t *testing.T) {
 		expect(t, "push echo-js", http.StatusCreated, &jsBundle)
 	s.postFile("/bundles/push", map[string]string{"name": "dimbundle"}, "file", dimImage).
 		expect(t, "push dimbundle", http.StatusCreated, &dimBundle)
-	if jsBundle.Name != "echo-js" || jsBundle.Tag != registry.DefaultTag || jsBundle.ImageDigest != "sha256:"+sha256File(t, jsImage) {
+	if jsBundle.Name != "echo-js" || jsBundle.Tag != registry.DefaultTag || jsBundle.ImageDigest != "sha256:"+testenv.FileSHA256(t, jsImage) {
 		t.Fatalf("pushed echo-js = %+v, want its file's sha256", jsBundle)
 	}
 	goBundle := awaitJob(t, s, job.JobID)

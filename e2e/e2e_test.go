@@ -10,8 +10,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -194,20 +192,6 @@ func qemuProcesses(dir string) []int {
 	return pids
 }
 
-func sha256File(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 func (e *env) imagePath(t *testing.T, ref string) string {
 	var img struct {
 		Path string `json:"path"`
@@ -229,7 +213,7 @@ func TestExamples(t *testing.T) {
 	e := setup(t)
 	e.build(t, "hello-go", "hello-go")
 	img := e.imagePath(t, "hello-go")
-	before := sha256File(t, img)
+	before := testenv.FileSHA256(t, img)
 
 	t.Run("go", func(t *testing.T) {
 		r := e.run(t, 0, "hello-go")
@@ -259,7 +243,7 @@ func TestExamples(t *testing.T) {
 			t.Errorf("stdout %q", r.stdout)
 		}
 	})
-	if after := sha256File(t, img); after != before {
+	if after := testenv.FileSHA256(t, img); after != before {
 		t.Errorf("the registry image changed: sha256 %s, was %s", after, before)
 	}
 }

@@ -2,8 +2,6 @@ package gateway
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"io"
 	"net/http"
 	"os"
@@ -152,7 +150,7 @@ func TestPushBundle(t *testing.T) {
 		map[string]string{"file": src})
 	var b store.Bundle
 	r.ok(t, http.StatusCreated, &b)
-	sum := fileSHA256(t, src)
+	sum := "sha256:" + testenv.FileSHA256(t, src)
 	if b.ImageDigest != sum || b.Owner != u.ID || b.Ref() != "pushed:t1" || b.Manifest.MemoryMiB != 256 {
 		t.Fatalf("pushed %+v (file %s)", b, sum)
 	}
@@ -160,7 +158,7 @@ func TestPushBundle(t *testing.T) {
 	if err != nil || img.Source != "push" {
 		t.Fatalf("registry image %+v: %v", img, err)
 	}
-	if got := fileSHA256(t, e.reg.ImagePath(sum)); got != sum {
+	if got := "sha256:" + testenv.FileSHA256(t, e.reg.ImagePath(sum)); got != sum {
 		t.Fatalf("stored file hashes to %s", got)
 	}
 	var res runResult
@@ -188,20 +186,6 @@ func TestPushBundle(t *testing.T) {
 	if len(entries) != 1 {
 		t.Fatalf("images dir holds %d files", len(entries))
 	}
-}
-
-func fileSHA256(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }
 
 func TestListGetDeleteBundles(t *testing.T) {

@@ -5,6 +5,9 @@
 package testenv
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -81,4 +84,19 @@ func ModuleRoot(t testing.TB) string {
 		t.Fatal("not inside the hyphae module")
 	}
 	return filepath.Dir(mod)
+}
+
+// FileSHA256 returns the hex SHA-256 of the file at path.
+func FileSHA256(t testing.TB, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }

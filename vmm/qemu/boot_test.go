@@ -3,8 +3,6 @@ package qemu
 import (
 	"bufio"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"io"
 	"os"
@@ -73,20 +71,6 @@ func writeFile(t *testing.T, path string, b []byte) {
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func sha256File(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
 }
 
 // bootEnv is what every real-boot subtest shares.
@@ -199,7 +183,7 @@ func TestBoot(t *testing.T) {
 	testenv.RequiresTool(t, DefaultBinary)
 	testenv.RequiresTool(t, "qemu-img")
 	env := bootEnv{kernel: kerneltest.Path(t), image: image(t), accel: AccelTCG}
-	imageSum := sha256File(t, env.image)
+	imageSum := testenv.FileSHA256(t, env.image)
 
 	for _, tt := range []struct {
 		mode, output string
@@ -230,7 +214,7 @@ func TestBoot(t *testing.T) {
 		if st.ExitCode != 0 || !strings.Contains(out, "guestprog: wrote to /") {
 			t.Fatalf("status %+v, console:\n%s", st, out)
 		}
-		if got := sha256File(t, env.image); got != imageSum {
+		if got := testenv.FileSHA256(t, env.image); got != imageSum {
 			t.Errorf("image changed: sha256 %s, was %s", got, imageSum)
 		}
 		ov, err := os.Stat(filepath.Join(m.Info().RuntimeDir, OverlayFile))
