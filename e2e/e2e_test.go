@@ -250,6 +250,23 @@ func TestExamples(t *testing.T) {
 
 // waitOutput reads lines from r until one contains want, returning all it
 // read; it fails the test when r ends first.
+// startSleeper starts `hyphae run hello-go` with a program that sleeps and
+// returns once the program says so, with the reader of the rest of its
+// output and what was read so far.
+func (e *env) startSleeper(t *testing.T, ctx context.Context) (*exec.Cmd, *bufio.Reader, string) {
+	t.Helper()
+	cmd := e.command(ctx, "run", "hello-go", "--env", "SLEEP_SECS=300")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(out)
+	return cmd, br, waitOutput(t, br, "sleeping 300 s")
+}
+
 func waitOutput(t *testing.T, r *bufio.Reader, want string) string {
 	t.Helper()
 	var got strings.Builder
@@ -287,21 +304,12 @@ func TestStop(t *testing.T) {
 	t.Run("ctrl-c", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
 		defer cancel()
-		cmd := e.command(ctx, "run", "hello-go", "--env", "SLEEP_SECS=300")
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		br := bufio.NewReader(out)
-		seen := waitOutput(t, br, "sleeping 300 s")
+		cmd, br, seen := e.startSleeper(t, ctx)
 		if err := cmd.Process.Signal(os.Interrupt); err != nil {
 			t.Fatal(err)
 		}
 		rest, _ := io.ReadAll(br)
-		err = cmd.Wait()
+		err := cmd.Wait()
 		if !strings.Contains(string(rest), "got SIGTERM") {
 			t.Errorf("no graceful stop; output:\n%s%s", seen, rest)
 		}
@@ -372,15 +380,7 @@ func TestStop(t *testing.T) {
 	t.Run("killed hyphae", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
 		defer cancel()
-		cmd := e.command(ctx, "run", "hello-go", "--env", "SLEEP_SECS=300")
-		out, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		waitOutput(t, bufio.NewReader(out), "sleeping 300 s")
+		cmd, _, _ := e.startSleeper(t, ctx)
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 		// The VMM is in its own process group: it runs on, and the list
