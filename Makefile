@@ -21,8 +21,10 @@ install: ## go install every binary (statically linked)
 
 test: deps ## install what the tests need, then run every test with real VMs required
 	cd sdk/js && node --test
+	@# A PostgreSQL that cannot start stops here, not as 30 confusing test failures.
+	db_url="$$(./scripts/postgres.sh)" && \
 	HYPHAE_E2E=require HYPHAE_TEST_KERNEL=$(KERNELS)/vmlinuz \
-	HYPHAE_TEST_DATABASE_URL="$$(./scripts/postgres.sh)" \
+	HYPHAE_TEST_DATABASE_URL="$$db_url" \
 		$(GO) test -count=1 -p 2 -timeout 25m ./...
 
 test-short: ## unit tests only, no VMs, no root

@@ -8,6 +8,10 @@
 # Idempotent: a second run installs, starts and creates nothing. Progress
 # goes to stderr, so that stdout is only the URL.
 set -euo pipefail
+# Everything but the URL goes to stderr, whatever the tools print: fd 3 is
+# the real stdout. (pg_ctlcluster prints "Removed stale pid file." on stdout
+# after an unclean shutdown, which once ended up inside the URL.)
+exec 3>&1 1>&2
 version=15
 cluster=main
 socket_dir=/var/run/postgresql
@@ -28,7 +32,9 @@ if ! pg_lsclusters -h | awk -v v="$version" -v c="$cluster" '$1 == v && $2 == c 
 fi
 if ! pg_lsclusters -h | awk -v v="$version" -v c="$cluster" '$1 == v && $2 == c && $4 == "online" { found = 1 } END { exit !found }'; then
   echo "postgres.sh: starting cluster $version/$cluster" >&2
-  pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" start
+  # 3>&-: the server must not inherit the real stdout, or $(postgres.sh)
+  # would wait for it to exit.
+  pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" start 3>&-
 fi
 # Wait (bounded) until the server accepts connections.
 for _ in $(seq 1 60); do
@@ -46,4 +52,4 @@ if [ "$(psql_pg "-c \"SELECT 1 FROM pg_database WHERE datname = 'root'\"")" != 1
   echo "postgres.sh: creating database root" >&2
   psql_pg "-c 'CREATE DATABASE root OWNER root'"
 fi
-echo "postgres:///root?host=$socket_dir"
+echo "postgres:///root?host=$socket_dir" >&3
