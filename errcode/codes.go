@@ -78,6 +78,7 @@ const (
 	FetchFailed       Code = "E704" // downloading a kernel failed
 	ChecksumMismatch  Code = "E705" // a download's SHA-256 differs
 	ModulesNotFound   Code = "E706" // a kernel's modules tree, or a module in it, is missing
+	ConfigNotFound    Code = "E707" // a kernel's build configuration is neither embedded nor beside it
 )
 
 // Networking and the jailer (E8xx).
