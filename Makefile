@@ -23,7 +23,7 @@ test: deps ## install what the tests need, then run every test with real VMs req
 	cd sdk/js && node --test
 	@# A PostgreSQL that cannot start stops here, not as 30 confusing test failures.
 	db_url="$$(./scripts/postgres.sh)" && \
-	HYPHAE_E2E=require HYPHAE_TEST_KERNEL=$(KERNELS)/vmlinuz \
+	HYPHAE_E2E=require HYPHAE_TEST_KERNEL=$(KERNELS)/vmlinuz HYPHAE_TEST_FC_KERNEL=$(KERNELS)/vmlinux-fc \
 	HYPHAE_TEST_DATABASE_URL="$$db_url" \
 		$(GO) test -count=1 -p 2 -timeout 25m ./...
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -26,8 +27,11 @@ const closeLinger = 2 * time.Second
 // Open opens the host channel described by spec, the value of the
 // hyphae.channel kernel command-line token (guest.CmdlineChannel):
 // "vsock:<port>" listens on AF_VSOCK and accepts one host connection;
-// "serial:<device>" opens a serial port (or virtio-serial port) in raw
-// mode and writes protocol.EmptyFrame to tell the host it is listening;
+// "serial:<device>" opens a serial port in raw mode and writes
+// protocol.EmptyFrame to tell the host it is listening;
+// "virtio-port:<name>" opens the virtio-serial port of that name (see
+// VirtioPortDevice), waits for the host to connect to it and writes the
+// same readiness frame;
 // "fd:<n>" uses the stream socket inherited as file descriptor n (the
 // gateway's mock mode, which runs the agent as a host process over a
 // socketpair: the host's end exists before the agent starts, so nothing is
@@ -47,6 +51,12 @@ func Open(ctx context.Context, spec string) (io.ReadWriteCloser, error) {
 			return nil, errcode.New(errcode.InvalidArgument, "channel %q: serial device must be an absolute path", spec)
 		}
 		return openSerial(arg)
+	case "virtio-port":
+		dev, err := VirtioPortDevice(ctx, arg)
+		if err != nil {
+			return nil, err
+		}
+		return openVirtioPort(ctx, dev)
 	case "fd":
 		n, err := strconv.Atoi(arg)
 		if err != nil || n < 3 {
@@ -54,7 +64,7 @@ func Open(ctx context.Context, spec string) (io.ReadWriteCloser, error) {
 		}
 		return openFD(n)
 	default:
-		return nil, errcode.New(errcode.InvalidArgument, "channel %q: want vsock:<port>, serial:<device> or fd:<n>", spec)
+		return nil, errcode.New(errcode.InvalidArgument, "channel %q: want vsock:<port>, serial:<device>, virtio-port:<name> or fd:<n>", spec)
 	}
 }
 
@@ -96,7 +106,7 @@ func acceptVsock(ctx context.Context, port uint32) (io.ReadWriteCloser, error) {
 		}
 		return nil, errcode.Wrap(errcode.ChannelFailed, err, "waiting for the host on vsock port %d", port)
 	}
-	return &streamFile{File: os.NewFile(uintptr(nfd), "vsock"), socket: true}, nil
+	return &streamFile{File: os.NewFile(uintptr(nfd), "vsock"), socket: true, lingers: true}, nil
 }
 
 // openSerial opens dev and puts it in raw mode: no echo, no line
@@ -129,6 +139,93 @@ func openSerial(dev string) (io.ReadWriteCloser, error) {
 	return &streamFile{File: f, tty: terr == nil}, nil
 }
 
+// virtioPortsDir lists the guest's virtio-serial ports, each with its
+// name as the host gave it.
+const virtioPortsDir = "/sys/class/virtio-ports"
+
+// portPollInterval paces the waits for a virtio port to be named and for
+// the host to connect to it, both of which the guest learns from control
+// messages it cannot block on.
+const portPollInterval = 10 * time.Millisecond
+
+// VirtioPortDevice returns the device node (/dev/vportNpM) of the
+// virtio-serial port the host named name. The node's numbers depend on
+// probe order, the name does not. The name arrives in a control message
+// after the port appears, so it waits for it until ctx ends.
+func VirtioPortDevice(ctx context.Context, name string) (string, error) {
+	return findVirtioPort(ctx, virtioPortsDir, name)
+}
+
+// findVirtioPort is VirtioPortDevice over a sysfs directory laid out like
+// virtioPortsDir.
+func findVirtioPort(ctx context.Context, dir, name string) (string, error) {
+	if name == "" || strings.ContainsAny(name, "/\n") {
+		return "", errcode.New(errcode.InvalidArgument, "virtio port name %q", name)
+	}
+	for {
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			b, err := os.ReadFile(filepath.Join(dir, e.Name(), "name"))
+			if err == nil && strings.TrimSpace(string(b)) == name {
+				return "/dev/" + e.Name(), nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return "", (&errcode.Error{Code: errcode.ChannelFailed, Message: "no virtio-serial port named " + name + " in " + dir, Err: ctx.Err()}).
+				WithHint("the guest kernel needs CONFIG_VIRTIO_CONSOLE and the VMM a virtserialport of that name")
+		case <-time.After(portPollInterval):
+		}
+	}
+}
+
+// openVirtioPort opens a virtio-serial port once the host is connected to
+// it. Until then the port reads as end-of-file and polls as hung up, so
+// the readiness frame, written after, cannot be mistaken for a closed
+// channel.
+func openVirtioPort(ctx context.Context, dev string) (io.ReadWriteCloser, error) {
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
+	}
+	for {
+		var revents int16
+		var perr error
+		if err := rc.Control(func(fd uintptr) {
+			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+			_, perr = unix.Poll(pfd, 0)
+			revents = pfd[0].Revents
+		}); err != nil {
+			perr = err
+		}
+		if perr != nil && !errors.Is(perr, unix.EINTR) {
+			f.Close()
+			return nil, errcode.Wrap(errcode.ChannelFailed, perr, "polling %s", dev)
+		}
+		if revents&unix.POLLOUT != 0 && revents&unix.POLLHUP == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, errcode.Wrap(errcode.ChannelFailed, ctx.Err(), "waiting for the host to connect to %s", dev)
+		case <-time.After(portPollInterval):
+		}
+	}
+	if _, err := f.WriteString(protocol.EmptyFrame); err != nil {
+		f.Close()
+		return nil, errcode.Wrap(errcode.ChannelFailed, err, "announcing readiness on %s", dev)
+	}
+	// Like a socket, the port shows the host's close as end-of-file, so
+	// Close can wait for the host to have read Done.
+	return &streamFile{File: f, lingers: true}, nil
+}
+
 // openFD adopts an inherited stream socket. It is marked close-on-exec
 // first, so that the bundle (a child of the agent) never holds the host
 // channel, and made non-blocking so that deadlines work on it.
@@ -144,7 +241,7 @@ func openFD(n int) (io.ReadWriteCloser, error) {
 	if err := unix.SetNonblock(n, true); err != nil {
 		return nil, errcode.Wrap(errcode.ChannelFailed, err, "channel fd %d", n)
 	}
-	return &streamFile{File: os.NewFile(uintptr(n), "channel"), socket: true}, nil
+	return &streamFile{File: os.NewFile(uintptr(n), "channel"), socket: true, lingers: true}, nil
 }
 
 // makeRaw is cfmakeraw(3).
@@ -172,6 +269,9 @@ func makeRaw(fd int) error {
 type streamFile struct {
 	*os.File
 	socket, tty bool
+	// lingers: the host's close reads as end-of-file (sockets, virtio
+	// ports; a UART has no such signal).
+	lingers bool
 }
 
 func (s *streamFile) Close() error {
@@ -185,7 +285,7 @@ func (s *streamFile) Close() error {
 			}
 		})
 	}
-	if s.socket {
+	if s.lingers {
 		// Wait for the host to close its side: it has then read Done.
 		_ = s.SetReadDeadline(time.Now().Add(closeLinger))
 		_, _ = io.Copy(io.Discard, io.LimitReader(s.File, protocol.MaxFrameSize))

@@ -3,8 +3,10 @@ package agent
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -190,6 +192,42 @@ func TestFDChannelRefusals(t *testing.T) {
 			t.Errorf("Open(%q) succeeded", spec)
 		} else if !errcode.HasCode(err, errcode.InvalidArgument) && !errcode.HasCode(err, errcode.ChannelFailed) {
 			t.Errorf("Open(%q) = %v, want a coded error", spec, err)
+		}
+	}
+}
+
+// TestFindVirtioPort finds a port by the name the host gave it, waiting
+// for the name to arrive, as it does in a guest where the name comes in a
+// control message after the port appears.
+func TestFindVirtioPort(t *testing.T) {
+	dir := t.TempDir()
+	for port, name := range map[string]string{"vport0p1": "org.qemu.guest_agent.0", "vport1p1": ""} {
+		if err := os.MkdirAll(filepath.Join(dir, port), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if name != "" {
+			if err := os.WriteFile(filepath.Join(dir, port, "name"), []byte(name+"\n"), 0o444); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		_ = os.WriteFile(filepath.Join(dir, "vport1p1", "name"), []byte("org.hyphae.channel\n"), 0o444)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if got, err := findVirtioPort(ctx, dir, "org.hyphae.channel"); err != nil || got != "/dev/vport1p1" {
+		t.Errorf("findVirtioPort = %q, %v", got, err)
+	}
+	short, cancel2 := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel2()
+	if _, err := findVirtioPort(short, dir, "absent"); !errcode.HasCode(err, errcode.ChannelFailed) {
+		t.Errorf("absent port: %v", err)
+	}
+	for _, bad := range []string{"", "../x", "a\nb"} {
+		if _, err := findVirtioPort(ctx, dir, bad); !errcode.HasCode(err, errcode.InvalidArgument) {
+			t.Errorf("name %q: %v", bad, err)
 		}
 	}
 }

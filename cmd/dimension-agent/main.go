@@ -26,7 +26,7 @@ func main() {
 }
 
 func run() int {
-	channel := flag.String("channel", "", "host channel (vsock:<port>, serial:<device> or fd:<n>); default from "+guest.CmdlineChannel+" on /proc/cmdline, else "+agent.DefaultChannel)
+	channel := flag.String("channel", "", "host channel (vsock:<port>, serial:<device>, virtio-port:<name> or fd:<n>); default from "+guest.CmdlineChannel+" on /proc/cmdline, else "+agent.DefaultChannel)
 	root := flag.String("root", "/", "directory holding /etc/hyphae")
 	flag.Parse()
 

@@ -15,10 +15,16 @@ const (
 	AccelTCG  = "tcg"
 )
 
-// ChannelDevice is the guest's side of the serial channel: the second
-// 8250 UART, which the Debian cloud kernel has built in (ttyS0 is the
-// console).
+// ChannelDevice is the guest's side of the serial channel on a stock
+// kernel: the second 8250 UART, which the Debian cloud kernel has built in
+// (ttyS0 is the console).
 const ChannelDevice = "/dev/ttyS1"
+
+// ChannelPortName names the virtio-serial port that is the channel on a
+// kernel with virtio-console built in. The guest finds the port by this
+// name (/sys/class/virtio-ports/*/name), since its vportNpM device name
+// depends on the order in which virtio devices were probed.
+const ChannelPortName = "org.hyphae.channel"
 
 // layout is where one VM's files live and how it is accelerated; args
 // renders it with the spec into QEMU's command line.
@@ -32,11 +38,12 @@ type layout struct {
 	// Machine.Start).
 	tscKHz int
 	vsock  bool
+	dev    devices
 }
 
-// args returns QEMU's arguments for spec. The root drive is always the
-// first NVMe controller, so the guest sees it as /dev/nvme0n1; extra
-// drives follow in spec order as /dev/nvme1n1, ...
+// args returns QEMU's arguments for spec. The root drive always comes
+// first, so the guest sees it as /dev/nvme0n1 (or /dev/vda on virtio);
+// extra drives follow in spec order (see guestDrivePath).
 func args(spec vmm.Spec, l layout) []string {
 	a := []string{
 		"-accel", l.accel,
@@ -47,10 +54,9 @@ func args(spec vmm.Spec, l layout) []string {
 		// The console goes to QEMU's stdout, which vmmproc sends to the
 		// console log together with QEMU's own messages.
 		"-serial", "stdio",
-		// The channel: the second UART, backed by a Unix socket the host
-		// dials. wait=off lets the guest boot before anyone connects.
+		// The channel, backed by a Unix socket the host dials. wait=off
+		// lets the guest boot before anyone connects.
 		"-chardev", "socket,id=ch0,path=" + optEscape(l.channelSock) + ",server=on,wait=off",
-		"-device", "isa-serial,chardev=ch0",
 		// A PS/2 controller, so that QMP send-key can deliver Ctrl-Alt-Del
 		// (microvm has neither ACPI power button handling nor a keyboard
 		// by default).
@@ -58,6 +64,12 @@ func args(spec vmm.Spec, l layout) []string {
 		"-qmp", "unix:" + optEscape(l.qmpSock) + ",server=on,wait=off",
 		"-kernel", spec.Kernel,
 		"-append", cmdline(spec, l),
+	}
+	if l.dev.virtioPort {
+		a = append(a, "-device", "virtio-serial-device,id=vser0",
+			"-device", "virtserialport,bus=vser0.0,chardev=ch0,name="+ChannelPortName)
+	} else {
+		a = append(a, "-device", "isa-serial,chardev=ch0")
 	}
 	if l.accel == AccelKVM {
 		a = append(a, "-cpu", "host")
@@ -70,7 +82,13 @@ func args(spec vmm.Spec, l layout) []string {
 		if readOnly {
 			opt += ",readonly=on"
 		}
-		a = append(a, "-drive", opt, "-device", "nvme,drive="+id+",serial="+optEscape(nvmeSerial(serial)))
+		// Both NVMe and virtio-blk serials hold 20 bytes; the guest can
+		// read the drive id back from /sys/block/*/serial.
+		dev := "nvme"
+		if l.dev.virtioBlk {
+			dev = "virtio-blk-device"
+		}
+		a = append(a, "-drive", opt, "-device", dev+",drive="+id+",serial="+optEscape(nvmeSerial(serial)))
 	}
 	for _, d := range spec.Drives {
 		if d.Root {
@@ -93,27 +111,41 @@ func args(spec vmm.Spec, l layout) []string {
 		a = append(a, "-netdev", "tap,id="+id+",ifname="+optEscape(nic.TapName)+",script=no,downscript=no", "-device", dev)
 	}
 	if l.vsock {
-		a = append(a, "-device", fmt.Sprintf("vhost-vsock-pci,guest-cid=%d", spec.VsockCID))
+		dev := "vhost-vsock-pci"
+		if l.dev.vsock {
+			dev = "vhost-vsock-device" // on virtio-mmio, which the kernel has
+		}
+		a = append(a, "-device", fmt.Sprintf("%s,guest-cid=%d", dev, spec.VsockCID))
 	}
 	return a
 }
 
 // guestDrivePath returns the device the guest sees the drive with that
-// id as, following args' order: the root drive is the first NVMe
-// controller, the others follow in spec order.
-func guestDrivePath(spec vmm.Spec, id string) (string, bool) {
+// id as, following args' order: the root drive first, the others in spec
+// order.
+func guestDrivePath(spec vmm.Spec, dev devices, id string) (string, bool) {
 	n := 1
 	for _, d := range spec.Drives {
 		switch {
 		case d.ID == id && d.Root:
-			return "/dev/nvme0n1", true
+			return driveName(dev, 0), true
 		case d.ID == id:
-			return fmt.Sprintf("/dev/nvme%dn1", n), true
+			return driveName(dev, n), true
 		case !d.Root:
 			n++
 		}
 	}
 	return "", false
+}
+
+// driveName is the guest's name for the n-th drive (from 0): an NVMe
+// namespace, or a virtio disk (vda … vdz; more drives than that are
+// refused by New).
+func driveName(dev devices, n int) string {
+	if dev.virtioBlk {
+		return "/dev/vd" + string(rune('a'+n))
+	}
+	return fmt.Sprintf("/dev/nvme%dn1", n)
 }
 
 // cmdline is the guest kernel command line: what the driver needs first,
@@ -125,8 +157,12 @@ func cmdline(spec vmm.Spec, l layout) string {
 			mode = "ro"
 		}
 	}
+	channel := "serial:" + ChannelDevice
+	if l.dev.virtioPort {
+		channel = "virtio-port:" + ChannelPortName
+	}
 	parts := []string{
-		"console=ttyS0", "root=/dev/nvme0n1", mode, "init=" + guest.InitPath,
+		"console=ttyS0", "root=" + driveName(l.dev, 0), mode, "init=" + guest.InitPath,
 		// Reboot at once on a panic: with -no-reboot QEMU then exits
 		// instead of leaving a dead guest running.
 		"panic=-1", "quiet",
@@ -135,7 +171,7 @@ func cmdline(spec vmm.Spec, l layout) string {
 		// seen to reset microvm now and then instead, leaving a guest
 		// spinning in the firmware and QEMU running.
 		"reboot=k",
-		guest.CmdlineChannel + "=serial:" + ChannelDevice,
+		guest.CmdlineChannel + "=" + channel,
 	}
 	if l.tscKHz > 0 {
 		parts = append(parts, fmt.Sprintf("tsc_early_khz=%d", l.tscKHz))

@@ -52,7 +52,7 @@ func TestArgs(t *testing.T) {
 					"file=/run/vm1/root-overlay.qcow2,if=none,id=drive0,format=qcow2",
 					"file=/img/data,,1.ext4,if=none,id=drive1,format=raw,readonly=on",
 				},
-				"-device": {"isa-serial,chardev=ch0", "i8042", "nvme,drive=drive0,serial=root", "nvme,drive=drive1,serial=data",
+				"-device": {"i8042", "isa-serial,chardev=ch0", "nvme,drive=drive0,serial=root", "nvme,drive=drive1,serial=data",
 					"virtio-net-pci,netdev=net0,disable-legacy=on,romfile=,mac=06:00:ac:10:00:02"},
 				"-chardev": {"socket,id=ch0,path=/run/vm1/channel.sock,server=on,wait=off"},
 				"-qmp":     {"unix:/run/vm1/qmp.sock,server=on,wait=off"},
@@ -82,10 +82,24 @@ func TestArgs(t *testing.T) {
 			noCmd:  []string{"tsc_early_khz", " rw "},
 		},
 		{
+			name: "virtio kernel: virtio-blk drives, virtio-serial channel, vsock on mmio",
+			spec: func(s vmm.Spec) vmm.Spec { s.VsockCID = 7; return s },
+			lay: func(l layout) layout {
+				l.dev, l.vsock = devices{virtioBlk: true, virtioPort: true, vsock: true}, true
+				return l
+			},
+			want: map[string][]string{"-device": {
+				"i8042", "virtio-serial-device,id=vser0", "virtserialport,bus=vser0.0,chardev=ch0,name=org.hyphae.channel",
+				"virtio-blk-device,drive=drive0,serial=root", "virtio-blk-device,drive=drive1,serial=data",
+				"virtio-net-pci,netdev=net0,disable-legacy=on,romfile=,mac=06:00:ac:10:00:02", "vhost-vsock-device,guest-cid=7"}},
+			cmd:   []string{"console=ttyS0 root=/dev/vda rw ", "hyphae.channel=virtio-port:org.hyphae.channel"},
+			noCmd: []string{"ttyS1", "nvme"},
+		},
+		{
 			name: "vhost-vsock where the host has it",
 			spec: func(s vmm.Spec) vmm.Spec { s.VsockCID = 7; return s },
 			lay:  func(l layout) layout { l.vsock = true; return l },
-			want: map[string][]string{"-device": {"isa-serial,chardev=ch0", "i8042", "nvme,drive=drive0,serial=root",
+			want: map[string][]string{"-device": {"i8042", "isa-serial,chardev=ch0", "nvme,drive=drive0,serial=root",
 				"nvme,drive=drive1,serial=data", "virtio-net-pci,netdev=net0,disable-legacy=on,romfile=,mac=06:00:ac:10:00:02", "vhost-vsock-pci,guest-cid=7"}},
 		},
 	}
@@ -150,20 +164,29 @@ func TestGuestDrivePath(t *testing.T) {
 	spec := vmm.Spec{Drives: []vmm.Drive{
 		{ID: "data", Path: "/d"}, {ID: "root", Path: "/r", Root: true}, {ID: "modules", Path: "/m", ReadOnly: true},
 	}}
-	for id, want := range map[string]string{"root": "/dev/nvme0n1", "data": "/dev/nvme1n1", "modules": "/dev/nvme2n1", "none": ""} {
-		got, ok := guestDrivePath(spec, id)
-		if got != want || ok != (want != "") {
-			t.Errorf("guestDrivePath(%s) = %q, %v; want %q", id, got, ok, want)
+	for _, tc := range []struct {
+		dev    devices
+		device string // the -device driver args gives the drives
+		want   map[string]string
+	}{
+		{stockDevices, "nvme", map[string]string{"root": "/dev/nvme0n1", "data": "/dev/nvme1n1", "modules": "/dev/nvme2n1", "none": ""}},
+		{devices{virtioBlk: true}, "virtio-blk-device", map[string]string{"root": "/dev/vda", "data": "/dev/vdb", "modules": "/dev/vdc", "none": ""}},
+	} {
+		for id, want := range tc.want {
+			got, ok := guestDrivePath(spec, tc.dev, id)
+			if got != want || ok != (want != "") {
+				t.Errorf("%s: guestDrivePath(%s) = %q, %v; want %q", tc.device, id, got, ok, want)
+			}
 		}
-	}
-	// args puts the drives on the NVMe controllers in the same order.
-	var serials []string
-	for _, v := range pairs(args(spec, layout{accel: AccelTCG, rootFile: "/r", rootFormat: "raw"}))["-device"] {
-		if s, ok := strings.CutPrefix(v, "nvme,"); ok {
-			serials = append(serials, s[strings.Index(s, "serial=")+len("serial="):])
+		// args attaches the drives in the same order.
+		var serials []string
+		for _, v := range pairs(args(spec, layout{accel: AccelTCG, rootFile: "/r", rootFormat: "raw", dev: tc.dev}))["-device"] {
+			if s, ok := strings.CutPrefix(v, tc.device+","); ok {
+				serials = append(serials, s[strings.Index(s, "serial=")+len("serial="):])
+			}
 		}
-	}
-	if !slices.Equal(serials, []string{"root", "data", "modules"}) {
-		t.Errorf("NVMe controllers in order %q", serials)
+		if !slices.Equal(serials, []string{"root", "data", "modules"}) {
+			t.Errorf("%s devices in order %q", tc.device, serials)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -76,6 +77,9 @@ func writeFile(t *testing.T, path string, b []byte) {
 // bootEnv is what every real-boot subtest shares.
 type bootEnv struct {
 	kernel, image, accel string
+	// channel is how guestprog finds the channel: ChannelDevice, or
+	// virtio-port:ChannelPortName on a kernel with virtio built in.
+	channel string
 }
 
 // start boots the shared image with MODE=mode and registers cleanup that
@@ -84,7 +88,7 @@ func (e bootEnv) start(t *testing.T, mode string) *Machine {
 	t.Helper()
 	spec := vmm.Spec{
 		ID: "t-" + mode, VCPUs: 1, MemoryMiB: 256, Kernel: e.kernel,
-		BootArgs:   guest.EncodeCmdlineEnv([]guest.EnvVar{{Key: "MODE", Value: mode}, {Key: "CHANNEL", Value: ChannelDevice}}),
+		BootArgs:   guest.EncodeCmdlineEnv([]guest.EnvVar{{Key: "MODE", Value: mode}, {Key: "CHANNEL", Value: e.channel}}),
 		Drives:     []vmm.Drive{{ID: "root", Path: e.image, Root: true}},
 		RuntimeDir: filepath.Join(t.TempDir(), "rt"),
 	}
@@ -176,13 +180,29 @@ func waitConsole(t *testing.T, m *Machine, marker string) {
 	}
 }
 
-// TestBoot boots real guests: Debian's cloud kernel under QEMU (TCG here),
-// hyphae-init as PID 1, and a test program.
+// TestBoot boots real guests under QEMU (TCG here), hyphae-init as PID 1
+// and a test program, on two kernels: Debian's cloud kernel (NVMe drives,
+// the second UART as the channel) and a Firecracker-style kernel built
+// from Firecracker's CI guest config (virtio-blk drives and a
+// virtio-serial channel on virtio-mmio; no NVMe, one UART).
 func TestBoot(t *testing.T) {
 	testenv.RequiresRoot(t)
 	testenv.RequiresTool(t, DefaultBinary)
 	testenv.RequiresTool(t, "qemu-img")
-	env := bootEnv{kernel: kerneltest.Path(t), image: image(t), accel: AccelTCG}
+	img := image(t)
+	t.Run("debian", func(t *testing.T) {
+		testBoot(t, bootEnv{kernel: kerneltest.Path(t), image: img, accel: AccelTCG, channel: ChannelDevice})
+	})
+	t.Run("firecracker-config", func(t *testing.T) {
+		k := kerneltest.FirecrackerPath(t)
+		if d, err := devicesFor(k, nil, slog.Default()); err != nil || !d.virtioBlk || !d.virtioPort {
+			t.Fatalf("devices for %s: %+v, %v; want virtio-blk and a virtio port", k, d, err)
+		}
+		testBoot(t, bootEnv{kernel: k, image: img, accel: AccelTCG, channel: "virtio-port:" + ChannelPortName})
+	})
+}
+
+func testBoot(t *testing.T, env bootEnv) {
 	imageSum := testenv.FileSHA256(t, env.image)
 
 	for _, tt := range []struct {

@@ -26,9 +26,10 @@ type NetworkOptions struct {
 	// ModulesCache is where modules images are built and kept, shared by
 	// every VM (e.g. the registry's kernels/modules). Required.
 	ModulesCache string
-	// ModulesSearch are extra directories holding modules-<release> trees,
-	// searched before the kernel's own directory and
-	// kernel.DefaultCacheDir (see kernel.FindModules).
+	// ModulesSearch are extra directories holding modules-<release> trees
+	// and config-<release> files, searched before the kernel's own
+	// directory and kernel.DefaultCacheDir (see kernel.FindModules and
+	// kernel.FindConfig).
 	ModulesSearch []string
 	// Logger; nil means slog.Default().
 	Logger *slog.Logger
@@ -36,8 +37,10 @@ type NetworkOptions struct {
 
 // AddNetwork gives spec the NIC nic and appends bootArgs (the guest's
 // network configuration, network.Attachment.BootArgs) to its command
-// line. When a modules tree for spec.Kernel is found, the NetworkModules
-// it does not have built in are packed into a cached image
+// line. When the kernel's configuration (kernel.FindConfig) shows the
+// NetworkModules built in, that is all. Otherwise, when a modules tree
+// for spec.Kernel is found, the NetworkModules it does not have built in
+// are packed into a cached image
 // (kernel.ModulesImage) that becomes a read-only drive ModulesDriveID,
 // named to hyphae-init with guest.CmdlineModules. When no tree is found
 // the kernel must have the drivers built in; that is logged, and a guest
@@ -55,23 +58,18 @@ func AddNetwork(ctx context.Context, spec *vmm.Spec, nic vmm.NetworkInterface, b
 	if log == nil {
 		log = slog.Default()
 	}
-	var args []string
-	tree, err := kernel.FindModules(spec.Kernel, o.ModulesSearch...)
-	switch {
-	case errcode.HasCode(err, errcode.ModulesNotFound):
-		log.Warn("no modules tree for the guest kernel; its NIC driver must be built in", "kernel", spec.Kernel, "err", err)
-	case err != nil:
+	dev, err := devicesFor(spec.Kernel, o.ModulesSearch, log)
+	if err != nil {
 		return err
-	default:
-		image, order, err := kernel.ModulesImage(ctx, tree, NetworkModules(), o.ModulesCache)
+	}
+	var args []string
+	if !dev.nicBuiltin {
+		modulesArg, err := addModulesDrive(ctx, spec, dev, o, log)
 		if err != nil {
 			return err
 		}
-		if image != "" {
-			spec.Drives = append(spec.Drives, vmm.Drive{ID: ModulesDriveID, Path: image, ReadOnly: true})
-			dev, _ := guestDrivePath(*spec, ModulesDriveID)
-			args = append(args, guest.CmdlineModules+"="+dev)
-			log.Debug("guest kernel modules", "image", image, "modules", order)
+		if modulesArg != "" {
+			args = append(args, modulesArg)
 		}
 	}
 	spec.Network = append(spec.Network, nic)
@@ -82,4 +80,28 @@ func AddNetwork(ctx context.Context, spec *vmm.Spec, nic vmm.NetworkInterface, b
 		spec.BootArgs = strings.TrimSpace(spec.BootArgs + " " + strings.Join(args, " "))
 	}
 	return nil
+}
+
+// addModulesDrive packs the NetworkModules that the kernel of spec does
+// not have built in into a cached image and attaches it as the read-only
+// drive ModulesDriveID. It returns the boot argument that names the drive
+// to hyphae-init, or "" when no drive was needed or no modules tree was
+// found (then the drivers must be built in; that is logged).
+func addModulesDrive(ctx context.Context, spec *vmm.Spec, dev devices, o NetworkOptions, log *slog.Logger) (string, error) {
+	tree, err := kernel.FindModules(spec.Kernel, o.ModulesSearch...)
+	switch {
+	case errcode.HasCode(err, errcode.ModulesNotFound):
+		log.Warn("no modules tree for the guest kernel; its NIC driver must be built in", "kernel", spec.Kernel, "err", err)
+		return "", nil
+	case err != nil:
+		return "", err
+	}
+	image, order, err := kernel.ModulesImage(ctx, tree, NetworkModules(), o.ModulesCache)
+	if err != nil || image == "" {
+		return "", err
+	}
+	spec.Drives = append(spec.Drives, vmm.Drive{ID: ModulesDriveID, Path: image, ReadOnly: true})
+	path, _ := guestDrivePath(*spec, dev, ModulesDriveID)
+	log.Debug("guest kernel modules", "image", image, "modules", order)
+	return guest.CmdlineModules + "=" + path, nil
 }

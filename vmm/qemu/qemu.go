@@ -1,9 +1,12 @@
 // Package qemu is the vmm.Machine driver for qemu-system-x86_64. It is what
 // boots hyphae VMs on hosts without Firecracker or a working KVM (such as
-// CI runners that only have TCG), using the microvm machine type and
-// devices the stock Debian cloud kernel has built in: NVMe drives and 8250
-// UARTs. The host↔guest channel is the second UART, backed by a Unix
-// socket.
+// CI runners that only have TCG), using the microvm machine type and the
+// devices the guest kernel has built in, read from its build configuration
+// (kernel.FindConfig): virtio-blk drives and a virtio-serial port as the
+// host↔guest channel on virtio-mmio when the kernel has them (Firecracker's
+// guest kernels), else NVMe drives and the second 8250 UART, which the
+// stock Debian cloud kernel has built in (its virtio drivers are modules).
+// Either channel is backed by a Unix socket on the host.
 //
 // The registry image is never written: the root drive QEMU writes to is a
 // qcow2 overlay in the VM's runtime directory whose backing file is the
@@ -56,6 +59,9 @@ const (
 	OverlayFile = "root-overlay.qcow2"
 )
 
+// maxVirtioDrives is how many drives driveName can name on virtio.
+const maxVirtioDrives = 26
+
 // startTimeout bounds the wait for QEMU's QMP socket when Start's ctx has
 // no deadline.
 const startTimeout = 30 * time.Second
@@ -67,6 +73,10 @@ type Options struct {
 	// QemuImg creates the root overlay; empty means qemu-img next to
 	// Binary, else on PATH.
 	QemuImg string
+	// KernelSearch are extra directories holding config-<release> files
+	// for the kernel (see kernel.FindConfig), e.g. where the registry
+	// keeps a fetched kernel's files.
+	KernelSearch []string
 	// Accel is AccelKVM, AccelTCG or AccelAuto (empty): auto probes KVM
 	// with ProbeKVM at Start. Callers that start many VMs should probe once
 	// and pass the answer.
@@ -81,6 +91,7 @@ type Machine struct {
 	opts Options
 	log  *slog.Logger
 	dir  string
+	dev  devices
 
 	mu      sync.Mutex
 	proc    *vmmproc.Process
@@ -90,9 +101,9 @@ type Machine struct {
 
 var _ vmm.Machine = (*Machine)(nil)
 
-// New checks spec (vmm.Validate, the kernel's format, socket path lengths)
-// and returns a machine that is not started yet. Nothing is created on the
-// host.
+// New checks spec (vmm.Validate, the kernel's format, socket path lengths),
+// chooses the guest's devices from the kernel's configuration and returns
+// a machine that is not started yet. Nothing is created on the host.
 func New(spec vmm.Spec, opts Options) (*Machine, error) {
 	if err := vmm.Validate(spec); err != nil {
 		return nil, err
@@ -120,6 +131,14 @@ func New(spec vmm.Spec, opts Options) (*Machine, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	log := opts.Logger.With("vm", spec.ID, "driver", vmm.QEMU)
+	dev, err := devicesFor(spec.Kernel, opts.KernelSearch, log)
+	if err != nil {
+		return nil, err
+	}
+	if dev.virtioBlk && len(spec.Drives) > maxVirtioDrives {
+		return nil, errcode.New(errcode.InvalidSpec, "%d drives: virtio disks are named vda to vdz, at most %d", len(spec.Drives), maxVirtioDrives)
+	}
 	dir := spec.RuntimeDir
 	if dir == "" {
 		if dir, err = vmmproc.VMDir(spec.ID); err != nil {
@@ -135,7 +154,7 @@ func New(spec vmm.Spec, opts Options) (*Machine, error) {
 			return nil, err
 		}
 	}
-	return &Machine{spec: spec, opts: opts, log: opts.Logger.With("vm", spec.ID, "driver", vmm.QEMU), dir: dir}, nil
+	return &Machine{spec: spec, opts: opts, log: log, dir: dir, dev: dev}, nil
 }
 
 func (m *Machine) path(name string) string { return filepath.Join(m.dir, name) }
@@ -180,7 +199,7 @@ func (m *Machine) Start(ctx context.Context) (err error) {
 			return err
 		}
 	}
-	l := layout{accel: accel, channelSock: m.path(ChannelSock), qmpSock: m.path(QMPSocket)}
+	l := layout{accel: accel, channelSock: m.path(ChannelSock), qmpSock: m.path(QMPSocket), dev: m.dev}
 	root := rootDrive(m.spec)
 	if root.ReadOnly {
 		// A read-only root needs no writable layer: QEMU opens the image

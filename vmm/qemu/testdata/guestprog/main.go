@@ -6,6 +6,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"os"
 	"os/signal"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/hyphae-run/hyphae/agent"
 )
 
 func main() {
@@ -58,17 +61,27 @@ func write() {
 	fmt.Println("guestprog: wrote to /")
 }
 
-// channel talks over the serial channel: it greets the host, then echoes
-// one line back.
+// channel talks over the channel $CHANNEL names (a serial device, or
+// virtio-port:<name>): it greets the host, then echoes one line back.
 func channel() {
 	dev, _ := os.LookupEnv("CHANNEL")
+	port, virtio := strings.CutPrefix(dev, "virtio-port:")
+	if virtio {
+		var err error
+		if dev, err = agent.VirtioPortDevice(context.Background(), port); err != nil {
+			fail(err)
+		}
+	}
 	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_NOCTTY, 0)
 	if err != nil {
 		fail(err)
 	}
-	if err := makeRaw(int(f.Fd())); err != nil {
-		fail(err)
+	if !virtio {
+		if err := makeRaw(int(f.Fd())); err != nil {
+			fail(err)
+		}
 	}
+	// On a virtio port this write waits until the host has connected.
 	fmt.Fprintf(f, "hello-from-guest\n")
 	line, err := bufio.NewReader(f).ReadString('\n')
 	if err != nil {
@@ -76,8 +89,10 @@ func channel() {
 	}
 	fmt.Fprintf(f, "echo:%s", line)
 	fmt.Printf("guestprog: host said %q\n", strings.TrimSpace(line))
-	// Let the UART drain before init reboots the machine.
-	_ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1)
+	if !virtio {
+		// Let the UART drain before init reboots the machine.
+		_ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1)
+	}
 }
 
 // makeRaw turns off echo, line editing and output processing, so that the
