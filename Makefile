@@ -5,7 +5,7 @@ KERNELS   ?= /var/cache/hyphae/kernels
 # Guest binaries must be static: CGO_ENABLED=0 for everything we build.
 export CGO_ENABLED = 0
 
-.PHONY: help deps build install test test-short fuzz bench demo demo-hyphae clean
+.PHONY: help deps fc-kernel build install test test-short fuzz bench demo demo-hyphae clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,7 +19,10 @@ build: ## build every binary into ./bin (hyphae finds hyphae-init next to itself
 install: ## go install every binary (statically linked)
 	$(GO) install -trimpath ./cmd/...
 
-test: deps ## install what the tests need, then run every test with real VMs required
+fc-kernel: ## build (once, ~11 min, cached) the Firecracker-style kernel the virtio tests boot
+	./scripts/build-fc-kernel.sh $(KERNELS) >/dev/null
+
+test: deps fc-kernel ## install what the tests need, then run every test with real VMs required
 	cd sdk/js && node --test
 	@# A PostgreSQL that cannot start stops here, not as 30 confusing test failures.
 	db_url="$$(./scripts/postgres.sh)" && \
