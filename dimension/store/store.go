@@ -118,15 +118,16 @@ type Invocations interface {
 // BundleJobs records asynchronous bundle uploads. A job moves queued →
 // running → succeeded or failed; a final status is never overwritten.
 type BundleJobs interface {
-	// CreateBundleJob records a queued job for owner.
-	CreateBundleJob(ctx context.Context, owner string) (BundleJob, error)
+	// CreateBundleJob records a queued job for owner, run by the gateway
+	// workerID (optional, as for invocations).
+	CreateBundleJob(ctx context.Context, owner, workerID string) (BundleJob, error)
 	// UpdateBundleJob applies u to the job with id. Updating a finished job
 	// is errcode.Conflict.
 	UpdateBundleJob(ctx context.Context, id string, u BundleJobUpdate) (BundleJob, error)
 	// GetBundleJob returns the owner's job with id.
 	GetBundleJob(ctx context.Context, owner, id string) (BundleJob, error)
-	// ListUnfinishedBundleJobs returns every queued or running job, oldest
-	// first: after a restart these are orphans to fail.
+	// ListUnfinishedBundleJobs returns every queued or running job of every
+	// worker, oldest first: after a restart a gateway fails its own.
 	ListUnfinishedBundleJobs(ctx context.Context) ([]BundleJob, error)
 }
 

@@ -226,7 +226,12 @@ type BundleJob struct {
 	Stage string `json:"stage,omitempty"`
 	Error string `json:"error,omitempty"`
 	// BundleID is set once the job has produced a bundle.
-	BundleID  string    `json:"bundle_id,omitempty"`
+	BundleID string `json:"bundle_id,omitempty"`
+	// WorkerID names the gateway that accepted the upload and runs its
+	// import (its archive is spooled on that host), so that a restarting
+	// gateway fails only its own unfinished jobs. Jobs recorded before
+	// worker ids existed have none.
+	WorkerID  string    `json:"worker_id,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
 }

@@ -44,6 +44,16 @@ const uniqueViolation = "23505"
 // connection string, as libpq takes), applies pending migrations and
 // returns the store. A nil logger discards logs.
 func Open(ctx context.Context, databaseURL string, logger *slog.Logger) (store.Store, error) {
+	migrations, err := fs.Sub(migrationFiles, "migrations")
+	if err != nil {
+		return nil, errcode.Wrap(errcode.StoreError, err, "read embedded migrations")
+	}
+	return openWith(ctx, databaseURL, migrations, logger)
+}
+
+// openWith is Open applying the given migrations, so that tests can make
+// the database an older release left and upgrade it.
+func openWith(ctx context.Context, databaseURL string, migrations fs.FS, logger *slog.Logger) (store.Store, error) {
 	cfg, err := pgxpool.ParseConfig(databaseURL)
 	if err != nil {
 		// The parse error may quote the URL, password included.
@@ -57,11 +67,6 @@ func Open(ctx context.Context, databaseURL string, logger *slog.Logger) (store.S
 	if err := pool.Ping(ctx); err != nil {
 		pool.Close()
 		return nil, errcode.Wrap(errcode.StoreError, err, "connect to PostgreSQL at %s/%s", cfg.ConnConfig.Host, cfg.ConnConfig.Database)
-	}
-	migrations, err := fs.Sub(migrationFiles, "migrations")
-	if err != nil {
-		pool.Close()
-		return nil, errcode.Wrap(errcode.StoreError, err, "read embedded migrations")
 	}
 	return sqlstore.Open(ctx, &backend{conn: conn{pool}, pool: pool}, migrations, logger)
 }

@@ -47,6 +47,16 @@ const busyTimeout = 10 * time.Second
 // and applies pending migrations. Its directory must exist. A nil logger
 // discards logs.
 func Open(ctx context.Context, path string, logger *slog.Logger) (store.Store, error) {
+	migrations, err := fs.Sub(migrationFiles, "migrations")
+	if err != nil {
+		return nil, errcode.Wrap(errcode.StoreError, err, "read embedded migrations")
+	}
+	return openWith(ctx, path, migrations, logger)
+}
+
+// openWith is Open applying the given migrations, so that tests can make
+// the database an older release left and upgrade it.
+func openWith(ctx context.Context, path string, migrations fs.FS, logger *slog.Logger) (store.Store, error) {
 	if path == "" {
 		return nil, errcode.New(errcode.InvalidArgument, "store database path is empty")
 	}
@@ -67,11 +77,6 @@ func Open(ctx context.Context, path string, logger *slog.Logger) (store.Store, e
 	if err := db.PingContext(ctx); err != nil {
 		db.Close()
 		return nil, errcode.Wrap(errcode.StoreError, err, "open %s", path)
-	}
-	migrations, err := fs.Sub(migrationFiles, "migrations")
-	if err != nil {
-		db.Close()
-		return nil, errcode.Wrap(errcode.StoreError, err, "read embedded migrations")
 	}
 	return sqlstore.Open(ctx, newBackend(db), migrations, logger)
 }

@@ -136,7 +136,7 @@ func testOwnershipIsolation(t *testing.T, s store.Store) {
 	b := newUser(t, s, "userb", store.RoleUser)
 	ab := newBundle(t, s, a.ID, "echo", "latest", "d1")
 	inv := newInvocation(t, s, a.ID, ab)
-	job := must(s.CreateBundleJob(ctx, a.ID))(t)
+	job := must(s.CreateBundleJob(ctx, a.ID, "w1"))(t)
 
 	for _, ref := range []string{ab.ID, "echo", "echo:latest"} {
 		_, err := s.GetBundle(ctx, b.ID, ref)

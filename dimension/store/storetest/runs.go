@@ -200,19 +200,33 @@ func testConcurrentFinalStatus(t *testing.T, s store.Store) {
 func testBundleJobs(t *testing.T, s store.Store) {
 	ctx := t.Context()
 	u := newUser(t, s, "uploader", store.RoleUser)
-	j := must(s.CreateBundleJob(ctx, u.ID))(t)
+	j := must(s.CreateBundleJob(ctx, u.ID, "w1"))(t)
 	if !strings.HasPrefix(j.ID, store.JobIDPrefix) || j.Status != store.JobQueued || j.Owner != u.ID ||
-		j.Stage != "" || j.BundleID != "" || j.CreatedAt.IsZero() {
+		j.Stage != "" || j.BundleID != "" || j.WorkerID != "w1" || j.CreatedAt.IsZero() {
 		t.Fatalf("created job = %+v", j)
 	}
-	other := must(s.CreateBundleJob(ctx, u.ID))(t)
-	if got := must(s.ListUnfinishedBundleJobs(ctx))(t); len(got) != 2 {
-		t.Fatalf("ListUnfinishedBundleJobs = %+v", got)
+	other := must(s.CreateBundleJob(ctx, u.ID, ""))(t)
+	if other.WorkerID != "" {
+		t.Fatalf("job created without a worker = %+v", other)
+	}
+	// Both workers' jobs are listed, each with its own worker id: the
+	// gateway picks its own. (Created in one microsecond, they may come in
+	// either order.)
+	unfinished := must(s.ListUnfinishedBundleJobs(ctx))(t)
+	byID := map[string]store.BundleJob{}
+	for _, g := range unfinished {
+		byID[g.ID] = g
+	}
+	if len(unfinished) != 2 || !reflect.DeepEqual(byID, map[string]store.BundleJob{j.ID: j, other.ID: other}) {
+		t.Fatalf("ListUnfinishedBundleJobs = %+v, want %+v and %+v", unfinished, j, other)
+	}
+	if got := must(s.GetBundleJob(ctx, u.ID, j.ID))(t); !reflect.DeepEqual(got, j) {
+		t.Fatalf("GetBundleJob = %+v, want %+v", got, j)
 	}
 
 	r := must(s.UpdateBundleJob(ctx, j.ID, store.BundleJobUpdate{Status: store.JobRunning, Stage: "unpacking"}))(t)
 	r = must(s.UpdateBundleJob(ctx, j.ID, store.BundleJobUpdate{Status: store.JobRunning, Stage: "mkfs"}))(t)
-	if r.Status != store.JobRunning || r.Stage != "mkfs" || r.UpdatedAt.Before(j.UpdatedAt) {
+	if r.Status != store.JobRunning || r.Stage != "mkfs" || r.WorkerID != "w1" || r.UpdatedAt.Before(j.UpdatedAt) {
 		t.Fatalf("running job = %+v", r)
 	}
 	_, err := s.UpdateBundleJob(ctx, j.ID, store.BundleJobUpdate{Status: store.JobQueued})
@@ -243,7 +257,7 @@ func testBundleJobs(t *testing.T, s store.Store) {
 	wantCode(t, err, errcode.NotFound, "update of an unknown job")
 	_, err = s.GetBundleJob(ctx, u.ID, "job_missing")
 	wantCode(t, err, errcode.NotFound, "GetBundleJob of an unknown id")
-	_, err = s.CreateBundleJob(ctx, "usr_missing")
+	_, err = s.CreateBundleJob(ctx, "usr_missing", "w1")
 	wantCode(t, err, errcode.NotFound, "job for an unknown owner")
 }
 

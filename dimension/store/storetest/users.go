@@ -112,7 +112,7 @@ func testDeleteUserCascades(t *testing.T, s store.Store) {
 	_, plain := newKey(t, s, u.ID)
 	b := newBundle(t, s, u.ID, "echo", "latest", "1")
 	inv := newInvocation(t, s, u.ID, b)
-	job := must(s.CreateBundleJob(ctx, u.ID))(t)
+	job := must(s.CreateBundleJob(ctx, u.ID, "w1"))(t)
 
 	if err := s.DeleteUser(ctx, u.ID); err != nil {
 		t.Fatal(err)

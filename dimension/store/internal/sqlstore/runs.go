@@ -118,17 +118,17 @@ func (s *Store) ListRunningInvocations(ctx context.Context) ([]store.Invocation,
 	return vs, dbErr(err, "list running invocations")
 }
 
-const jobCols = "id, owner, status, stage, error, bundle_id, created_at, updated_at"
+const jobCols = "id, owner, status, stage, error, bundle_id, worker_id, created_at, updated_at"
 
 func scanJob(r Row) (store.BundleJob, error) {
 	var j store.BundleJob
-	err := r.Scan(&j.ID, &j.Owner, (*string)(&j.Status), &j.Stage, &j.Error, &j.BundleID,
+	err := r.Scan(&j.ID, &j.Owner, (*string)(&j.Status), &j.Stage, &j.Error, &j.BundleID, &j.WorkerID,
 		timeCol{&j.CreatedAt}, timeCol{&j.UpdatedAt})
 	return j, err
 }
 
 // CreateBundleJob implements store.BundleJobs.
-func (s *Store) CreateBundleJob(ctx context.Context, owner string) (store.BundleJob, error) {
+func (s *Store) CreateBundleJob(ctx context.Context, owner, workerID string) (store.BundleJob, error) {
 	var j store.BundleJob
 	err := s.tx(ctx, "create bundle job", func(tx Conn) error {
 		if _, err := getUser(ctx, tx, owner); err != nil {
@@ -136,8 +136,8 @@ func (s *Store) CreateBundleJob(ctx context.Context, owner string) (store.Bundle
 		}
 		var err error
 		j, err = scanJob(tx.QueryRow(ctx, `INSERT INTO bundle_jobs (`+jobCols+`)
-			VALUES ($1, $2, 'queued', '', '', '', $3, $3) RETURNING `+jobCols,
-			store.NewID(store.JobIDPrefix), owner, now()))
+			VALUES ($1, $2, 'queued', '', '', '', $3, $4, $4) RETURNING `+jobCols,
+			store.NewID(store.JobIDPrefix), owner, workerID, now()))
 		return dbErr(err, "create bundle job")
 	})
 	return j, err
