@@ -249,7 +249,7 @@ func (s *Server) uploadBundle(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	job, err := s.store.CreateBundleJob(r.Context(), owner)
+	job, err := s.store.CreateBundleJob(r.Context(), owner, s.opts.WorkerID)
 	if err != nil {
 		os.Remove(u.path)
 		return err

@@ -53,8 +53,8 @@ func TestUploadBundle(t *testing.T) {
 	// Another user cannot see the job.
 	e.do("GET", "/bundles/jobs/"+acc.JobID, keyB, nil).apiError(t, http.StatusNotFound, CodeNotFound)
 	j := e.waitJob(key, acc.JobID)
-	if j.Status != store.JobSucceeded || j.BundleID == "" || j.Stage != stageDone || j.Error != "" {
-		t.Fatalf("job %+v", j)
+	if j.Status != store.JobSucceeded || j.BundleID == "" || j.Stage != stageDone || j.Error != "" || j.WorkerID != e.srv.opts.WorkerID {
+		t.Fatalf("job %+v (worker %q)", j, e.srv.opts.WorkerID)
 	}
 	var b store.Bundle
 	e.do("GET", "/bundles/"+j.BundleID, key, nil).ok(t, http.StatusOK, &b)

@@ -21,8 +21,11 @@ const reasonOrphaned = "orphaned"
 // ended without a shutdown (a crash, a kill): its runs still pending or
 // running are marked failed with a completed{status: failed} event (unless
 // the log already has one), its unfinished upload jobs are failed, and
-// spooled uploads are removed. Runs recorded by other workers (other
-// gateways on a shared database) are left alone. Call it before serving.
+// spooled uploads are removed. Runs and upload jobs recorded by other
+// workers (other gateways on a shared database) are left alone; those with
+// no worker id (upload jobs from before jobs recorded one) are taken as
+// this gateway's. The spool is in this gateway's own data dir. Call it
+// before serving.
 func (s *Server) ReapOrphans(ctx context.Context) error {
 	invs, err := s.store.ListRunningInvocations(ctx)
 	if err != nil {
@@ -30,7 +33,7 @@ func (s *Server) ReapOrphans(ctx context.Context) error {
 	}
 	reaped := 0
 	for _, inv := range invs {
-		if inv.WorkerID != "" && inv.WorkerID != s.opts.WorkerID {
+		if !s.ownWorker(inv.WorkerID) {
 			continue
 		}
 		if err := s.failOrphan(ctx, inv); err != nil {
@@ -42,15 +45,18 @@ func (s *Server) ReapOrphans(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// Upload jobs carry no worker id; their archives were spooled to this
-	// host's data dir, which only this gateway uses.
+	failedJobs := 0
 	for _, j := range jobs {
+		if !s.ownWorker(j.WorkerID) {
+			continue
+		}
 		_, err := s.store.UpdateBundleJob(ctx, j.ID, store.BundleJobUpdate{
 			Status: store.JobFailed, Stage: "failed", Error: "the gateway restarted during the import; upload again",
 		})
 		if err != nil && !errcode.HasCode(err, errcode.Conflict) {
 			return err
 		}
+		failedJobs++
 	}
 	entries, err := os.ReadDir(s.opts.UploadDir)
 	if err != nil {
@@ -61,10 +67,16 @@ func (s *Server) ReapOrphans(ctx context.Context) error {
 			s.log.Warn("removing a stale upload", "path", e.Name(), "err", err)
 		}
 	}
-	if reaped > 0 || len(jobs) > 0 {
-		s.log.Warn("reaped what a previous gateway process left", "runs", reaped, "upload_jobs", len(jobs))
+	if reaped > 0 || failedJobs > 0 {
+		s.log.Warn("reaped what a previous gateway process left", "runs", reaped, "upload_jobs", failedJobs)
 	}
 	return nil
+}
+
+// ownWorker reports whether a record with workerID is this gateway's to reap:
+// its own, or one that names no worker.
+func (s *Server) ownWorker(workerID string) bool {
+	return workerID == "" || workerID == s.opts.WorkerID
 }
 
 // failOrphan ends one orphaned run: its completed event first (so SSE

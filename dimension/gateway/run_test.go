@@ -109,8 +109,10 @@ func TestRunBootstrapAdminOnce(t *testing.T) {
 }
 
 // A start after a crash fails this worker's runs left pending or running
-// (with a completed event for their readers), fails unfinished upload
-// jobs and clears the upload spool; other workers' runs are not touched.
+// (with a completed event for their readers), fails this worker's
+// unfinished upload jobs and those with no worker (recorded before jobs
+// had one), and clears the upload spool; other workers' runs and jobs, on
+// a database gateways share, are not touched.
 func TestRunReapsOrphans(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
@@ -143,10 +145,14 @@ func TestRunReapsOrphans(t *testing.T) {
 		return inv.ID
 	}
 	pending, running, foreign := mk("test-worker", false), mk("test-worker", true), mk("other-worker", true)
-	job, err := st.CreateBundleJob(ctx, admin.ID)
-	if err != nil {
-		t.Fatal(err)
+	mkJob := func(worker string) string {
+		job, err := st.CreateBundleJob(ctx, admin.ID, worker)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return job.ID
 	}
+	ownJob, legacyJob, foreignJob := mkJob("test-worker"), mkJob(""), mkJob("other-worker")
 	st.Close()
 	// The running one had begun its events before the "crash".
 	evlog, err := events.Open(ctx, events.Options{StoreDir: filepath.Join(dir, natsDir)})
@@ -178,10 +184,17 @@ func TestRunReapsOrphans(t *testing.T) {
 	if inv.Status != store.StatusRunning {
 		t.Fatalf("another worker's run became %s", inv.Status)
 	}
+	for _, id := range []string{ownJob, legacyJob} {
+		var j store.BundleJob
+		p.do("GET", "/bundles/jobs/"+id, key, nil).ok(t, http.StatusOK, &j)
+		if j.Status != store.JobFailed || j.Error == "" {
+			t.Fatalf("orphaned job %+v", j)
+		}
+	}
 	var j store.BundleJob
-	p.do("GET", "/bundles/jobs/"+job.ID, key, nil).ok(t, http.StatusOK, &j)
-	if j.Status != store.JobFailed || j.Error == "" {
-		t.Fatalf("orphaned job %+v", j)
+	p.do("GET", "/bundles/jobs/"+foreignJob, key, nil).ok(t, http.StatusOK, &j)
+	if j.Status != store.JobQueued || j.Error != "" || j.WorkerID != "other-worker" {
+		t.Fatalf("another worker's job became %+v", j)
 	}
 	if _, err := os.Stat(stale); !os.IsNotExist(err) {
 		t.Fatalf("stale upload: %v", err)

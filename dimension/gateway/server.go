@@ -63,8 +63,8 @@ type Options struct {
 	Images Images
 	// Token, when set, authenticates as an admin (DIMENSION_TOKEN).
 	Token string
-	// WorkerID is recorded on invocations this gateway runs; orphans are
-	// reaped per worker.
+	// WorkerID is recorded on the invocations and upload jobs this gateway
+	// runs; orphans are reaped per worker.
 	WorkerID string
 	// Limits are the run timeouts' defaults and maxima.
 	Limits runner.Limits
