@@ -60,8 +60,9 @@ type Config struct {
 	// Token, when set, is a bearer token that acts as an admin. It is only
 	// read from the environment: a flag would show it in ps(1).
 	Token string
-	// WorkerID names this host in events and invocations; empty means
-	// the host name.
+	// WorkerID names this host in events, invocations and upload jobs;
+	// empty means the host name. Gateways sharing a database need distinct
+	// ones: a restart reaps only its own worker's runs and jobs.
 	WorkerID string
 	// Run timeouts: defaults (used when neither the request nor the
 	// bundle's manifest sets one) and maxima (everything is clamped to
