@@ -213,12 +213,18 @@ func baseline(ctx context.Context, c vm.Choice, kernelPath, imagePath, work stri
 	bootArgs := "console=ttyS0 init=/sbin/init panic=-1 quiet"
 	switch c.Driver {
 	case vmm.QEMU:
+		// The disk the driver would give this kernel: virtio-blk when it
+		// has virtio-mmio and virtio-blk built in, else NVMe.
+		disk, root := "nvme", "/dev/nvme0n1"
+		if cfg, _, err := kernel.FindConfig(kernelPath); err == nil && cfg.Builtin("VIRTIO_MMIO") && cfg.Builtin("VIRTIO_BLK") {
+			disk, root = "virtio-blk-device", "/dev/vda"
+		}
 		args := []string{"-accel", c.Accel, "-M", "microvm,pcie=on,rtc=on", "-m", "256", "-smp", "1",
 			"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio", "-device", "i8042",
-			"-kernel", kernelPath, "-append", bootArgs + " reboot=k rw root=/dev/nvme0n1" + tscArg(c.Accel),
+			"-kernel", kernelPath, "-append", bootArgs + " reboot=k rw root=" + root + tscArg(c.Accel),
 			// QEMU's own throw-away overlay keeps the image unwritten,
 			// as hyphae's qcow2 layer does.
-			"-drive", "file=" + imagePath + ",if=none,id=d0,format=raw,snapshot=on", "-device", "nvme,drive=d0,serial=root"}
+			"-drive", "file=" + imagePath + ",if=none,id=d0,format=raw,snapshot=on", "-device", disk + ",drive=d0,serial=root"}
 		if c.Accel == qemu.AccelKVM {
 			args = append(args, "-cpu", "host")
 		}
