@@ -4,8 +4,6 @@ import (
 	"context"
 	"io"
 	"time"
-
-	"github.com/hyphae-run/hyphae/guest"
 )
 
 // BootRequest is what a Backend needs to start one run's sandbox.
@@ -16,9 +14,6 @@ type BootRequest struct {
 	ImagePath string
 	// VCPUs and MemoryMiB size the VM (0 = the backend's default).
 	VCPUs, MemoryMiB int
-	// Env reaches the bundle's environment (kernel command-line tokens in
-	// a VM, which the guest can read: never secrets).
-	Env []guest.EnvVar
 	// Entrypoint, when set, replaces the image's own (the manifest's
 	// override). Backends that cannot honour it refuse the run.
 	Entrypoint []string

@@ -315,7 +315,6 @@ func writeMockRoot(runDir, root string, req BootRequest) error {
 	if err != nil {
 		return err
 	}
-	prog.Env = guest.MergeEnv(prog.Env, req.Env)
 	argv := hostArgv(root, prog)
 	dir := inTree(root, prog.Dir)
 	if st, err := os.Stat(dir); err != nil || !st.IsDir() {

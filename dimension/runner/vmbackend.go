@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/hyphae-run/hyphae/errcode"
-	"github.com/hyphae-run/hyphae/guest"
 	"github.com/hyphae-run/hyphae/kernel"
 	"github.com/hyphae-run/hyphae/vm"
 	"github.com/hyphae-run/hyphae/vmm"
@@ -111,9 +110,6 @@ func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error)
 		return nil, err
 	}
 	args := []string{"quiet"}
-	if env := guest.EncodeCmdlineEnv(req.Env); env != "" {
-		args = append(args, env)
-	}
 	if b.opts.BootArgs != "" {
 		args = append(args, b.opts.BootArgs)
 	}
