@@ -18,7 +18,9 @@ import (
 
 	"github.com/vishvananda/netns"
 
+	"github.com/hyphae-run/hyphae/guest"
 	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/kernel/kerneltest"
 	"github.com/hyphae-run/hyphae/network"
 	"github.com/hyphae-run/hyphae/registry"
 )
@@ -337,7 +339,8 @@ func TestNetwork(t *testing.T) {
 	t.Logf("hyphae run --network, boot to exit including a 4 s blocked dial: %v wall (TCG)", wall.Round(time.Millisecond))
 }
 
-// TestNetworkDetachedAndPoolExhausted runs a networked VM detached in a
+// TestNetworkDetachedAndPoolExhausted runs a networked VM (on the
+// Firecracker-style kernel, under QEMU) detached in a
 // one-lease pool ($HYPHAE_NET_POOL): inspect shows its lease and NIC, and
 // the guest reaches the remote. A second networked run then fails with
 // E801 before anything is spawned and leaves nothing behind; stopping the
@@ -349,7 +352,11 @@ func TestNetworkDetachedAndPoolExhausted(t *testing.T) {
 	pool := []string{"HYPHAE_NET_POOL=10.213.7.0/30"}
 	remote := net.JoinHostPort(remoteIP, remotePort)
 
-	r := e.hyphaeIn(t, l.host, pool, "run", "netguest", "--network", "--detach", "--json",
+	// On the Firecracker-style kernel (TestNetwork uses Debian's): its
+	// virtio-net and IP autoconfiguration are built in, so no modules
+	// drive is attached and the kernel applies ip= before hyphae-init
+	// (which applies it again, idempotently).
+	r := e.hyphaeIn(t, l.host, pool, "run", "netguest", "--network", "--detach", "--json", "--kernel", kerneltest.FirecrackerPath(t),
 		"--env", "NETGUEST_DIAL="+remote, "--env", "NETGUEST_HOLD=1")
 	var d struct {
 		ID string `json:"id"`
@@ -387,6 +394,9 @@ func TestNetworkDetachedAndPoolExhausted(t *testing.T) {
 		len(in.Spec.Network) != 1 || in.Spec.Network[0].TapName != "hyphae-tap0" || in.Spec.Network[0].MAC != "06:00:0a:d5:07:02" ||
 		!strings.Contains(in.Spec.BootArgs, "ip=10.213.7.2::10.213.7.1:255.255.255.252::eth0:off") {
 		t.Errorf("inspect = %+v", in)
+	}
+	if strings.Contains(in.Spec.BootArgs, guest.CmdlineModules+"=") {
+		t.Errorf("a modules drive for a kernel with its NIC drivers built in: boot args %q", in.Spec.BootArgs)
 	}
 	if taps := l.taps(t); len(taps) != 1 || taps[0] != "hyphae-tap0" || !l.hasTable(t) {
 		t.Errorf("while the VM runs: TAPs %v, table %v", taps, l.hasTable(t))
