@@ -300,6 +300,9 @@ func (l *Log) Append(ctx context.Context, ev Event) (uint64, error) {
 		}
 	}
 	if rs.done {
+		// The state of a finished run is not kept: a late Append (a
+		// reaper, a retry) loads it again and is refused again.
+		l.forget(ev.RunID, rs)
 		return 0, errcode.New(errcode.RunFinished, "run %s already completed; event %q not appended", ev.RunID, ev.Kind)
 	}
 	m, err := json.Marshal(meta{
@@ -330,11 +333,19 @@ func (l *Log) Append(ctx context.Context, ev Event) (uint64, error) {
 	rs.seq, rs.streamSeq = seq, ack.Sequence
 	if ev.IsCompleted() {
 		rs.done = true
-		l.mu.Lock()
-		delete(l.runs, ev.RunID)
-		l.mu.Unlock()
+		l.forget(ev.RunID, rs)
 	}
 	return seq, nil
+}
+
+// forget drops the cached state rs of a finished run, unless another
+// Append already replaced it.
+func (l *Log) forget(runID string, rs *runState) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.runs[runID] == rs {
+		delete(l.runs, runID)
+	}
 }
 
 func (l *Log) runState(runID string) *runState {

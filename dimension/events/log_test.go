@@ -252,9 +252,18 @@ func TestCompletedEndsAndSealsTheRun(t *testing.T) {
 	writeRun(t, l, run, 3, true)
 	checkSeqs(t, collect(t, live), 1, 4)
 
-	_, err := l.Append(testCtx(t), bundleEvent(run, 99))
-	if !errcode.HasCode(err, errcode.RunFinished) {
-		t.Fatalf("Append after completed: %v, want %s", err, errcode.RunFinished)
+	for range 3 {
+		_, err := l.Append(testCtx(t), bundleEvent(run, 99))
+		if !errcode.HasCode(err, errcode.RunFinished) {
+			t.Fatalf("Append after completed: %v, want %s", err, errcode.RunFinished)
+		}
+	}
+	// Neither the run nor the refused appends left writer state behind.
+	l.mu.Lock()
+	cached := len(l.runs)
+	l.mu.Unlock()
+	if cached != 0 {
+		t.Errorf("%d runs' writer state cached after they completed", cached)
 	}
 	// A state event that is not "completed" does not end a subscription.
 	other := "other"
