@@ -19,10 +19,10 @@ build: ## build every binary into ./bin (hyphae finds hyphae-init next to itself
 install: ## go install every binary (statically linked)
 	$(GO) install -trimpath ./cmd/...
 
-fc-kernel: ## build (once, ~11 min, cached) the Firecracker-style kernel the virtio tests boot
+fc-kernel: deps ## build (once, ~13 min, cached) the Firecracker-style kernel the virtio tests boot
 	./scripts/build-fc-kernel.sh $(KERNELS) >/dev/null
 
-test: deps fc-kernel ## install what the tests need, then run every test with real VMs required
+test: fc-kernel ## install what the tests need, then run every test with real VMs required
 	cd sdk/js && node --test
 	@# A PostgreSQL that cannot start stops here, not as 30 confusing test failures.
 	db_url="$$(./scripts/postgres.sh)" && \
