@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -109,34 +110,52 @@ func acceptVsock(ctx context.Context, port uint32) (io.ReadWriteCloser, error) {
 	return &streamFile{File: os.NewFile(uintptr(nfd), "vsock"), socket: true, lingers: true}, nil
 }
 
-// openSerial opens dev and puts it in raw mode: no echo, no line
-// discipline, no output processing, 8-bit characters. A device that is not
-// a tty (a virtio-serial port) is a byte stream already.
+// openSerial opens a serial port in raw mode: no echo, no line
+// discipline, no output processing, 8-bit characters.
 func openSerial(dev string) (io.ReadWriteCloser, error) {
-	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	f, rc, err := openDevice(dev)
 	if err != nil {
-		return nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
+		return nil, err
 	}
 	var terr error
 	if err := rc.Control(func(fd uintptr) { terr = makeRaw(int(fd)) }); err != nil {
 		terr = err
 	}
-	if terr != nil && !errors.Is(terr, unix.ENOTTY) {
+	if terr != nil {
 		f.Close()
 		return nil, errcode.Wrap(errcode.ChannelFailed, terr, "putting %s in raw mode", dev)
 	}
 	// Bytes the host sends before the port is open are lost, so the host
 	// waits for this empty envelope before it sends the Request.
+	if err := announce(f); err != nil {
+		return nil, err
+	}
+	return &streamFile{File: f, tty: true}, nil
+}
+
+// openDevice opens a channel device non-blocking (so that deadlines work
+// on it) and without making it the controlling terminal.
+func openDevice(dev string) (*os.File, syscall.RawConn, error) {
+	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
+	}
+	return f, rc, nil
+}
+
+// announce writes the readiness frame (protocol.EmptyFrame) the host waits
+// for on a device channel; on failure it closes f.
+func announce(f *os.File) error {
 	if _, err := f.WriteString(protocol.EmptyFrame); err != nil {
 		f.Close()
-		return nil, errcode.Wrap(errcode.ChannelFailed, err, "announcing readiness on %s", dev)
+		return errcode.Wrap(errcode.ChannelFailed, err, "announcing readiness on %s", f.Name())
 	}
-	return &streamFile{File: f, tty: terr == nil}, nil
+	return nil
 }
 
 // virtioPortsDir lists the guest's virtio-serial ports, each with its
@@ -184,14 +203,9 @@ func findVirtioPort(ctx context.Context, dir, name string) (string, error) {
 // the readiness frame, written after, cannot be mistaken for a closed
 // channel.
 func openVirtioPort(ctx context.Context, dev string) (io.ReadWriteCloser, error) {
-	f, err := os.OpenFile(dev, os.O_RDWR|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	f, rc, err := openDevice(dev)
 	if err != nil {
-		return nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, errcode.Wrap(errcode.ChannelFailed, err, "opening %s", dev)
+		return nil, err
 	}
 	for {
 		var revents int16
@@ -217,9 +231,8 @@ func openVirtioPort(ctx context.Context, dev string) (io.ReadWriteCloser, error)
 		case <-time.After(portPollInterval):
 		}
 	}
-	if _, err := f.WriteString(protocol.EmptyFrame); err != nil {
-		f.Close()
-		return nil, errcode.Wrap(errcode.ChannelFailed, err, "announcing readiness on %s", dev)
+	if err := announce(f); err != nil {
+		return nil, err
 	}
 	// Like a socket, the port shows the host's close as end-of-file, so
 	// Close can wait for the host to have read Done.

@@ -240,9 +240,11 @@ func CmdlineValue(cmdline, key string) (string, bool) {
 // Kernel command-line keys read by hyphae-init and dimension-agent.
 const (
 	// CmdlineChannel names the host↔guest channel transport:
-	// "vsock:<port>" (Firecracker; the guest listens on AF_VSOCK) or
-	// "serial:<device>" such as "serial:/dev/ttyS1" (QEMU without vsock;
-	// the device is a raw byte stream).
+	// "vsock:<port>" (Firecracker; the guest listens on AF_VSOCK),
+	// "serial:<device>" such as "serial:/dev/ttyS1" (QEMU on a kernel
+	// with a second UART; the tty is put in raw mode) or
+	// "virtio-port:<name>" (QEMU on a kernel with virtio-console: the
+	// virtio-serial port the host gave that name).
 	CmdlineChannel = "hyphae.channel"
 	// CmdlineOverlay asks hyphae-init to put a writable overlay over the
 	// read-only root before anything else: "tmpfs" for a memory-backed

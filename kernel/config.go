@@ -4,7 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
+	"errors"
+	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -31,7 +34,8 @@ const maxConfigBytes = 4 << 20
 // untrusted input and is fuzzed.
 func ParseConfig(r io.Reader) (Config, error) {
 	c := Config{}
-	sc := bufio.NewScanner(io.LimitReader(r, maxConfigBytes))
+	lr := &io.LimitedReader{R: r, N: maxConfigBytes + 1}
+	sc := bufio.NewScanner(lr)
 	sc.Buffer(make([]byte, 0, 4096), 64<<10)
 	line := 0
 	for sc.Scan() {
@@ -43,12 +47,19 @@ func ParseConfig(r io.Reader) (Config, error) {
 		k, v, ok := strings.Cut(s, "=")
 		sym, isConfig := strings.CutPrefix(k, "CONFIG_")
 		if !ok || !isConfig || sym == "" {
+			if lr.N <= 0 {
+				break // a line cut at the bound: reported below
+			}
 			return nil, errcode.New(errcode.InvalidKernel, "kernel config line %d: want CONFIG_<SYMBOL>=<value>, got %.60q", line, s)
 		}
 		c[sym] = v
 	}
 	if err := sc.Err(); err != nil {
 		return nil, errcode.Wrap(errcode.InvalidKernel, err, "reading kernel config")
+	}
+	if lr.N <= 0 {
+		// Cut at the bound, the last line would parse as a wrong value.
+		return nil, errcode.New(errcode.SizeLimit, "kernel config is over %d bytes", maxConfigBytes)
 	}
 	return c, nil
 }
@@ -84,9 +95,11 @@ func EmbeddedConfig(r io.Reader) (c Config, ok bool, err error) {
 	return c, true, nil
 }
 
-// findIKConfig scans r for the first IKCFG_ST … IKCFG_ED block holding at
-// most maxConfigBytes and returns what lies between the markers. It keeps
-// one chunk plus the block in memory, never the whole kernel.
+// findIKConfig scans r for the first IKCFG_ST marker followed by gzip
+// data and returns what lies between it and the next IKCFG_ED. A start
+// marker whose end does not follow within about maxConfigBytes is an
+// error (a damaged image), not a reason to look further. It keeps one
+// chunk plus the block in memory, never the whole kernel.
 func findIKConfig(r io.Reader) ([]byte, bool, error) {
 	const chunk = 1 << 20
 	buf := make([]byte, 0, 2*chunk)
@@ -128,27 +141,36 @@ func findIKConfig(r io.Reader) ([]byte, bool, error) {
 
 // FindConfig returns the build configuration of the kernel at kernelPath
 // and where it was found: the one embedded in the image
-// (EmbeddedConfig), else the first config file beside it that exists —
+// (EmbeddedConfig), else the first config file that exists of
 // config-S next to a vmlinuz-S or vmlinux-S (also behind a symlink such
-// as scripts/fetch-kernel.sh's vmlinuz), then config-R for a bzImage's
-// release R (see Release) in each of searchDirs, the kernel's directory,
-// DefaultCacheDir and /boot. It fails with errcode.ConfigNotFound when
-// there is none; callers then fall back to what they assume of a stock
-// distribution kernel.
-func FindConfig(kernelPath string, searchDirs ...string) (Config, string, error) {
+// as scripts/fetch-kernel.sh's vmlinuz); config-<file name> in each of
+// searchDirs (where a registry keeps the configs of kernels it stores
+// under content names); and config-R for a bzImage's release R (see
+// Release) in each of searchDirs, the kernel's directory, DefaultCacheDir
+// and /boot. It fails with errcode.ConfigNotFound when there is none;
+// callers then fall back to what they assume of a stock distribution
+// kernel.
+func FindConfig(kernelPath string, searchDirs ...string) (Config, ConfigSource, error) {
 	f, err := os.Open(kernelPath)
 	if err != nil {
-		return nil, "", errcode.Wrap(errcode.KernelNotFound, err, "kernel %s", kernelPath)
+		code := errcode.InvalidKernel
+		if errors.Is(err, fs.ErrNotExist) {
+			code = errcode.KernelNotFound
+		}
+		return nil, ConfigSource{}, errcode.Wrap(code, err, "kernel %s", kernelPath)
 	}
 	c, ok, err := EmbeddedConfig(f)
 	f.Close()
 	if err != nil {
-		return nil, "", err
+		return nil, ConfigSource{}, err
 	}
 	if ok {
-		return c, kernelPath + " (embedded)", nil
+		return c, ConfigSource{Path: kernelPath, Embedded: true}, nil
 	}
 	candidates := sidecarConfigs(kernelPath)
+	for _, d := range searchDirs {
+		candidates = append(candidates, filepath.Join(d, ConfigFileName(kernelPath)))
+	}
 	if release, err := Release(kernelPath); err == nil {
 		for _, d := range append(slices.Clone(searchDirs), filepath.Dir(kernelPath), DefaultCacheDir, "/boot") {
 			candidates = append(candidates, filepath.Join(d, "config-"+release))
@@ -162,13 +184,31 @@ func FindConfig(kernelPath string, searchDirs ...string) (Config, string, error)
 		c, err := ParseConfig(cf)
 		cf.Close()
 		if err != nil {
-			return nil, "", errcode.Wrap(errcode.InvalidKernel, err, "%s", p)
+			return nil, ConfigSource{}, fmt.Errorf("%s: %w", p, err)
 		}
-		return c, p, nil
+		return c, ConfigSource{Path: p}, nil
 	}
-	return nil, "", errcode.New(errcode.ConfigNotFound, "no build configuration for kernel %s (not embedded; looked for %s)", kernelPath, strings.Join(candidates, ", ")).
+	return nil, ConfigSource{}, errcode.New(errcode.ConfigNotFound, "no build configuration for kernel %s (not embedded; looked for %s)", kernelPath, strings.Join(candidates, ", ")).
 		WithHint("build the kernel with CONFIG_IKCONFIG=y, or put its .config beside it as config-<suffix of vmlinuz-/vmlinux->")
 }
+
+// ConfigSource says where FindConfig found a configuration: embedded in
+// the kernel file Path, or in the config file Path.
+type ConfigSource struct {
+	Path     string `json:"path"`
+	Embedded bool   `json:"embedded,omitempty"`
+}
+
+func (s ConfigSource) String() string {
+	if s.Embedded {
+		return s.Path + " (embedded)"
+	}
+	return s.Path
+}
+
+// ConfigFileName is the name FindConfig looks for in its search
+// directories for the kernel file at kernelPath: config-<file name>.
+func ConfigFileName(kernelPath string) string { return "config-" + filepath.Base(kernelPath) }
 
 // sidecarConfigs names config-S for a kernel file vmlinuz-S or vmlinux-S,
 // for the path as given and for the file a symlink points to.

@@ -52,6 +52,11 @@ func TestParseConfig(t *testing.T) {
 			t.Errorf("ParseConfig(%q) = %v, want InvalidKernel", bad, err)
 		}
 	}
+	// Over the bound (a gzip bomb in an image, say) is refused, not cut.
+	huge := strings.Repeat("CONFIG_PADDING_SYMBOL_NAME=y\n", (4<<20)/28+1)
+	if _, err := kernel.ParseConfig(strings.NewReader(huge)); !errcode.HasCode(err, errcode.SizeLimit) {
+		t.Errorf("ParseConfig of %d bytes = %v, want SizeLimit", len(huge), err)
+	}
 }
 
 // fakeImage is what an IKCONFIG kernel looks like to EmbeddedConfig:
@@ -143,14 +148,14 @@ func TestFindConfigSidecarAndEmbedded(t *testing.T) {
 		t.Fatal(err)
 	}
 	c, from, err := kernel.FindConfig(filepath.Join(dir, "vmlinuz"))
-	if err != nil || from != filepath.Join(dir, "config-6.1.0-test") || !c.Builtin("VIRTIO_BLK") {
+	if err != nil || from != (kernel.ConfigSource{Path: filepath.Join(dir, "config-6.1.0-test")}) || !c.Builtin("VIRTIO_BLK") {
 		t.Errorf("FindConfig via symlink = %v from %s, %v", c, from, err)
 	}
 	// An embedded config wins over a sidecar.
 	writeFile(t, filepath.Join(dir, "vmlinux-fc"), fakeImage(t, "CONFIG_VIRTIO_MMIO=y\n", 10))
 	writeFile(t, filepath.Join(dir, "config-fc"), []byte(sampleConfig))
 	c, from, err = kernel.FindConfig(filepath.Join(dir, "vmlinux-fc"))
-	if err != nil || !strings.HasSuffix(from, "(embedded)") || !c.Builtin("VIRTIO_MMIO") || c.Builtin("VIRTIO_BLK") {
+	if err != nil || !from.Embedded || !c.Builtin("VIRTIO_MMIO") || c.Builtin("VIRTIO_BLK") {
 		t.Errorf("FindConfig embedded = %v from %s, %v", c, from, err)
 	}
 	// A broken sidecar is an error, not a silent fallback.
@@ -162,6 +167,13 @@ func TestFindConfigSidecarAndEmbedded(t *testing.T) {
 	writeFile(t, filepath.Join(dir, "plain"), []byte("x"))
 	if _, _, err := kernel.FindConfig(filepath.Join(dir, "plain")); !errcode.HasCode(err, errcode.ConfigNotFound) {
 		t.Errorf("no config: %v", err)
+	}
+	// A search dir holding config-<file name>, as a registry keeps one
+	// for a kernel it stores under a content name.
+	search := t.TempDir()
+	writeFile(t, filepath.Join(search, kernel.ConfigFileName(filepath.Join(dir, "plain"))), []byte(sampleConfig))
+	if c, from, err := kernel.FindConfig(filepath.Join(dir, "plain"), search); err != nil || from.Path != filepath.Join(search, "config-plain") || !c.Builtin("VIRTIO_BLK") {
+		t.Errorf("FindConfig with a search dir = %v from %s, %v", c, from, err)
 	}
 	if _, _, err := kernel.FindConfig(filepath.Join(dir, "missing")); !errcode.HasCode(err, errcode.KernelNotFound) {
 		t.Errorf("missing kernel: %v", err)
@@ -189,13 +201,13 @@ func TestFindConfigDebian(t *testing.T) {
 	}
 	writeFile(t, stored, b)
 	search := t.TempDir()
-	cb, err := os.ReadFile(from)
+	cb, err := os.ReadFile(from.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(search, "config-"+release), cb)
 	c2, from2, err := kernel.FindConfig(stored, search)
-	if err != nil || from2 != filepath.Join(search, "config-"+release) || len(c2) != len(c) {
+	if err != nil || from2.Path != filepath.Join(search, "config-"+release) || len(c2) != len(c) {
 		t.Errorf("FindConfig of the stored copy = %d symbols from %s, %v", len(c2), from2, err)
 	}
 	if !c.Builtin("BLK_DEV_NVME") || c.Builtin("VIRTIO_BLK") || c.Builtin("VIRTIO_CONSOLE") {

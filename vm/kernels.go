@@ -58,7 +58,47 @@ func (rt *Runtime) AddKernel(ctx context.Context, src, name string) (Kernel, err
 		rt.removeUnreferenced(ctx, dest)
 		return Kernel{}, err
 	}
+	if err := rt.keepConfig(src, dest); err != nil {
+		rt.removeUnreferenced(ctx, dest)
+		return Kernel{}, err
+	}
 	return rt.register(ctx, name, dest, info)
+}
+
+// keepConfig copies the build config found beside the kernel file src
+// (kernel.FindConfig) into kernels/kernel-configs under the name
+// FindConfig looks for with the stored file dest, so that the qemu driver
+// still reads it once the kernel lives under its content name. A config
+// embedded in the image needs no copy, and a kernel without one is fine
+// (the driver then assumes a stock kernel).
+func (rt *Runtime) keepConfig(src, dest string) error {
+	_, from, err := kernel.FindConfig(src)
+	switch {
+	case errcode.HasCode(err, errcode.ConfigNotFound):
+		return nil
+	case err != nil:
+		return err
+	case from.Embedded:
+		return nil
+	}
+	b, err := os.ReadFile(from.Path)
+	if err != nil {
+		return errcode.Wrap(errcode.RegistryError, err, "keep the kernel config %s", from)
+	}
+	dir := rt.kernelConfigsDir()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return errcode.Wrap(errcode.RegistryError, err, "create %s", dir)
+	}
+	target := filepath.Join(dir, kernel.ConfigFileName(dest))
+	tmp := target + ".new"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return errcode.Wrap(errcode.RegistryError, err, "keep the kernel config %s", from)
+	}
+	if err := os.Rename(tmp, target); err != nil {
+		return errors.Join(errcode.Wrap(errcode.RegistryError, err, "keep the kernel config %s", from), os.Remove(tmp))
+	}
+	rt.log.Info("kernel config recorded", "config", from)
+	return nil
 }
 
 // FetchKernel downloads url (checked against sha256hex) into kernels/ and

@@ -194,7 +194,7 @@ func (rt *Runtime) attachNetwork(ctx context.Context, n Network, spec *vmm.Spec,
 		}
 		err = qemu.AddNetwork(ctx, spec, nic, att.BootArgs, qemu.NetworkOptions{
 			ModulesCache:  filepath.Join(reg.KernelsDir(), modulesCacheDir),
-			ModulesSearch: rt.modulesSearch(spec.Kernel),
+			ModulesSearch: rt.kernelSearch(spec.Kernel),
 			Logger:        rt.log,
 		})
 		if err != nil {
@@ -226,7 +226,23 @@ const (
 	// Only the link's target directory is used, never a copy: trees are
 	// around 100 MB.
 	moduleTreesDir = "module-trees"
+	// kernelConfigsDir holds copies of the build configs found beside
+	// kernels when they were added, named for kernel.FindConfig's search
+	// (kernel.ConfigFileName of the stored file).
+	kernelConfigsDir = "kernel-configs"
 )
+
+func (rt *Runtime) kernelConfigsDir() string { return filepath.Join(rt.reg.KernelsDir(), kernelConfigsDir) }
+
+// kernelSearch returns the directories where the qemu driver looks for
+// the files of the kernel at kernelPath that the registry keeps apart from
+// it: its modules tree (modulesSearch) and its build config.
+func (rt *Runtime) kernelSearch(kernelPath string) []string {
+	if rt.reg == nil {
+		return nil
+	}
+	return append(rt.modulesSearch(kernelPath), rt.kernelConfigsDir())
+}
 
 // modulesSearch returns the directory holding the modules tree that
 // linkModules recorded for the kernel's release, if any. The link is

@@ -249,15 +249,11 @@ func TestReconcileTearsDownNetworks(t *testing.T) {
 	}
 }
 
-// TestAddKernelRecordsModules: a bzImage added from a directory holding
-// its modules-<release> tree gets the tree recorded, and networked QEMU
-// runs search the tree's directory; a kernel without a tree records none.
-func TestAddKernelRecordsModules(t *testing.T) {
-	rt, reg, _ := newRuntime(t)
-	ctx := context.Background()
-	const release = "6.1.0-99-test-amd64"
-	src := t.TempDir()
-	kern := filepath.Join(src, "vmlinuz-"+release)
+// fakeBzImage writes dir/vmlinuz-<release>: a bzImage header that
+// kernel.Inspect accepts and kernel.Release reads, and nothing else.
+func fakeBzImage(t *testing.T, dir, release string) string {
+	t.Helper()
+	kern := filepath.Join(dir, "vmlinuz-"+release)
 	b := make([]byte, 0x400)
 	copy(b[0x202:], "HdrS")
 	b[0x206], b[0x207] = 0x0f, 0x02
@@ -268,6 +264,52 @@ func TestAddKernelRecordsModules(t *testing.T) {
 	if err := os.WriteFile(kern, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return kern
+}
+
+// TestAddKernelKeepsConfig: the config beside an added kernel is kept
+// where the qemu driver finds it for the stored copy, which lives under a
+// content name away from it.
+func TestAddKernelKeepsConfig(t *testing.T) {
+	rt, _, _ := newRuntime(t)
+	ctx := context.Background()
+	const release = "6.1.0-98-test-amd64"
+	src := t.TempDir()
+	kern := fakeBzImage(t, src, release)
+	cfg := "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_BLK=y\n"
+	if err := os.WriteFile(filepath.Join(src, "config-"+release), []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k, err := rt.AddKernel(ctx, kern, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := kernel.FindConfig(k.Path); !errcode.HasCode(err, errcode.ConfigNotFound) {
+		t.Fatalf("the stored copy alone: %v, want ConfigNotFound (else this test proves nothing)", err)
+	}
+	c, from, err := kernel.FindConfig(k.Path, rt.kernelSearch(k.Path)...)
+	if err != nil || !c.Builtin("VIRTIO_BLK") || filepath.Dir(from.Path) != rt.kernelConfigsDir() {
+		t.Errorf("FindConfig of the stored kernel = %v from %s, %v", c, from, err)
+	}
+	// A kernel without any config adds fine and records none.
+	plain := fakeBzImage(t, t.TempDir(), "6.1.0-97-test-amd64")
+	if k, err = rt.AddKernel(ctx, plain, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := kernel.FindConfig(k.Path, rt.kernelSearch(k.Path)...); !errcode.HasCode(err, errcode.ConfigNotFound) {
+		t.Errorf("kernel without config: %v", err)
+	}
+}
+
+// TestAddKernelRecordsModules: a bzImage added from a directory holding
+// its modules-<release> tree gets the tree recorded, and networked QEMU
+// runs search the tree's directory; a kernel without a tree records none.
+func TestAddKernelRecordsModules(t *testing.T) {
+	rt, reg, _ := newRuntime(t)
+	ctx := context.Background()
+	const release = "6.1.0-99-test-amd64"
+	src := t.TempDir()
+	kern := fakeBzImage(t, src, release)
 	if err := os.Symlink(filepath.Base(kern), filepath.Join(src, kernel.CurrentLink)); err != nil {
 		t.Fatal(err)
 	}

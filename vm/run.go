@@ -264,7 +264,7 @@ func firstNonZero(v ...int) int {
 func (rt *Runtime) newMachine(spec vmm.Spec, c Choice, jail *JailDetails) (machine, error) {
 	switch c.Driver {
 	case vmm.QEMU:
-		return qemu.New(spec, qemu.Options{Binary: c.Binary, Accel: c.Accel, KernelSearch: rt.modulesSearch(spec.Kernel), Logger: rt.log})
+		return qemu.New(spec, qemu.Options{Binary: c.Binary, Accel: c.Accel, KernelSearch: rt.kernelSearch(spec.Kernel), Logger: rt.log})
 	case vmm.Firecracker:
 		o := firecracker.Options{Binary: c.Binary, Logger: rt.log}
 		if jail != nil {

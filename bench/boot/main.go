@@ -213,11 +213,10 @@ func baseline(ctx context.Context, c vm.Choice, kernelPath, imagePath, work stri
 	bootArgs := "console=ttyS0 init=/sbin/init panic=-1 quiet"
 	switch c.Driver {
 	case vmm.QEMU:
-		// The disk the driver would give this kernel: virtio-blk when it
-		// has virtio-mmio and virtio-blk built in, else NVMe.
-		disk, root := "nvme", "/dev/nvme0n1"
-		if cfg, _, err := kernel.FindConfig(kernelPath); err == nil && cfg.Builtin("VIRTIO_MMIO") && cfg.Builtin("VIRTIO_BLK") {
-			disk, root = "virtio-blk-device", "/dev/vda"
+		// The disk the driver gives this kernel (virtio-blk or NVMe).
+		disk, root, err := qemu.RootDisk(kernelPath, nil)
+		if err != nil {
+			return 0, 0, err
 		}
 		args := []string{"-accel", c.Accel, "-M", "microvm,pcie=on,rtc=on", "-m", "256", "-smp", "1",
 			"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio", "-device", "i8042",

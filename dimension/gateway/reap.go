@@ -53,10 +53,14 @@ func (s *Server) ReapOrphans(ctx context.Context) error {
 		_, err := s.store.UpdateBundleJob(ctx, j.ID, store.BundleJobUpdate{
 			Status: store.JobFailed, Stage: "failed", Error: "the gateway restarted during the import; upload again",
 		})
-		if err != nil && !errcode.HasCode(err, errcode.Conflict) {
+		switch {
+		case errcode.HasCode(err, errcode.Conflict):
+			// It finished meanwhile.
+		case err != nil:
 			return err
+		default:
+			failedJobs++
 		}
-		failedJobs++
 	}
 	entries, err := os.ReadDir(s.opts.UploadDir)
 	if err != nil {

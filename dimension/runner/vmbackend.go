@@ -93,9 +93,9 @@ func (b *VMBackend) Name() string { return b.choice.Driver }
 func (b *VMBackend) Mock() bool { return false }
 
 // Start boots a VM and connects its channel, retrying until ctx ends. On
-// QEMU's serial channel it also waits for the agent's readiness frame
-// (bytes sent before the guest opens the port are lost); on vsock the
-// accepted connection is the readiness.
+// QEMU's channel (a UART or a virtio-serial port) it also waits for the
+// agent's readiness frame (bytes sent before the guest opens the port are
+// lost); on vsock the accepted connection is the readiness.
 func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error) {
 	if len(req.Entrypoint) > 0 {
 		return nil, errcode.New(errcode.InvalidManifest, "run %s: the manifest overrides the entrypoint, which a VM cannot honour", req.RunID).

@@ -82,13 +82,13 @@ func args(spec vmm.Spec, l layout) []string {
 		if readOnly {
 			opt += ",readonly=on"
 		}
-		// Both NVMe and virtio-blk serials hold 20 bytes; the guest can
-		// read the drive id back from /sys/block/*/serial.
+		// The guest can read the drive id back from the serial
+		// (/sys/block/vdX/serial, /sys/block/nvmeXn1/device/serial).
 		dev := "nvme"
 		if l.dev.virtioBlk {
-			dev = "virtio-blk-device"
+			dev = virtioBlkDevice
 		}
-		a = append(a, "-drive", opt, "-device", dev+",drive="+id+",serial="+optEscape(nvmeSerial(serial)))
+		a = append(a, "-drive", opt, "-device", dev+",drive="+id+",serial="+optEscape(driveSerial(serial)))
 	}
 	for _, d := range spec.Drives {
 		if d.Root {
@@ -139,8 +139,8 @@ func guestDrivePath(spec vmm.Spec, dev devices, id string) (string, bool) {
 }
 
 // driveName is the guest's name for the n-th drive (from 0): an NVMe
-// namespace, or a virtio disk (vda … vdz; more drives than that are
-// refused by New).
+// namespace, or a virtio disk (vda, vdb, …; New refuses more drives than
+// microvm has virtio-mmio slots for, fewer than 26).
 func driveName(dev devices, n int) string {
 	if dev.virtioBlk {
 		return "/dev/vd" + string(rune('a'+n))
@@ -186,9 +186,12 @@ func cmdline(spec vmm.Spec, l layout) string {
 // value such as a path.
 func optEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
-// nvmeSerial fits a drive id into an NVMe serial number (20 bytes), which
-// the guest can read back from /sys/block/nvme*/device/serial.
-func nvmeSerial(id string) string {
+// virtioBlkDevice is QEMU's virtio-blk on the virtio-mmio transport.
+const virtioBlkDevice = "virtio-blk-device"
+
+// driveSerial fits a drive id into a drive serial number: 20 bytes, the
+// size of both NVMe's and virtio-blk's.
+func driveSerial(id string) string {
 	if len(id) > 20 {
 		return id[:20]
 	}

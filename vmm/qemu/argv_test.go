@@ -151,11 +151,11 @@ func TestArgs(t *testing.T) {
 	}
 }
 
-func TestNVMeSerial(t *testing.T) {
-	if got := nvmeSerial(strings.Repeat("a", 30)); len(got) != 20 {
+func TestDriveSerial(t *testing.T) {
+	if got := driveSerial(strings.Repeat("a", 30)); len(got) != 20 {
 		t.Errorf("serial %q is %d bytes", got, len(got))
 	}
-	if got := nvmeSerial("root"); got != "root" {
+	if got := driveSerial("root"); got != "root" {
 		t.Errorf("serial %q", got)
 	}
 }

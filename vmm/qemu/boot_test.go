@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/guest"
 	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/kernel"
 	"github.com/hyphae-run/hyphae/kernel/kerneltest"
 	"github.com/hyphae-run/hyphae/vmm"
 	"github.com/hyphae-run/hyphae/vmm/vmmproc"
@@ -86,12 +88,32 @@ type bootEnv struct {
 // also checks nothing is left behind.
 func (e bootEnv) start(t *testing.T, mode string) *Machine {
 	t.Helper()
+	return e.startWith(t, mode, nil)
+}
+
+// startWith is start with read-only data drives (image paths) after the
+// root drive. The guest gets the device the driver says the last one is
+// as $DRIVE.
+func (e bootEnv) startWith(t *testing.T, mode string, dataDrive []string) *Machine {
+	t.Helper()
+	env := []guest.EnvVar{{Key: "MODE", Value: mode}, {Key: "CHANNEL", Value: e.channel}}
 	spec := vmm.Spec{
 		ID: "t-" + mode, VCPUs: 1, MemoryMiB: 256, Kernel: e.kernel,
-		BootArgs:   guest.EncodeCmdlineEnv([]guest.EnvVar{{Key: "MODE", Value: mode}, {Key: "CHANNEL", Value: e.channel}}),
 		Drives:     []vmm.Drive{{ID: "root", Path: e.image, Root: true}},
 		RuntimeDir: filepath.Join(t.TempDir(), "rt"),
 	}
+	for i, p := range dataDrive {
+		spec.Drives = append(spec.Drives, vmm.Drive{ID: fmt.Sprintf("data%d", i), Path: p, ReadOnly: true})
+	}
+	if len(dataDrive) > 0 {
+		dev, err := devicesFor(e.kernel, nil, slog.Default())
+		if err != nil {
+			t.Fatal(err)
+		}
+		last, _ := guestDrivePath(spec, dev, fmt.Sprintf("data%d", len(dataDrive)-1))
+		env = append(env, guest.EnvVar{Key: "DRIVE", Value: last})
+	}
+	spec.BootArgs = guest.EncodeCmdlineEnv(env)
 	m, err := New(spec, Options{Accel: e.accel})
 	if err != nil {
 		t.Fatal(err)
@@ -244,6 +266,20 @@ func testBoot(t *testing.T, env bootEnv) {
 		t.Logf("per-run writable layer after writing 1 MiB: %d KiB qcow2", ov.Size()>>10)
 	})
 
+	t.Run("drives in the order the driver names them", func(t *testing.T) {
+		// Two data drives after the root: the guest must see the last one
+		// where guestDrivePath says, with its id as the serial.
+		blank := filepath.Join(t.TempDir(), "blank.img")
+		if err := os.WriteFile(blank, make([]byte, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		m := env.startWith(t, "drive", []string{blank, blank})
+		out, st := run(t, m)
+		if st.ExitCode != 0 || !strings.Contains(out, `guestprog: drive serial "data1"`) {
+			t.Errorf("status %+v, console:\n%s", st, out)
+		}
+	})
+
 	t.Run("channel both ways", func(t *testing.T) {
 		m := env.start(t, "channel")
 		ctx, cancel := context.WithTimeout(context.Background(), bootTimeout)
@@ -333,6 +369,20 @@ func TestNewRefuses(t *testing.T) {
 	hdr[16], hdr[18], hdr[20], hdr[52], hdr[54], hdr[58] = 2, 62, 1, 64, 56, 64
 	writeFile(t, elfNoPVH, hdr)
 	good := vmm.Spec{ID: "vm", VCPUs: 1, MemoryMiB: 64, Kernel: kern, Drives: []vmm.Drive{{ID: "root", Path: img, Root: true}}}
+	// Configs for the fake kernel, found by its file name in a search dir.
+	configFor := func(cfg string) []string {
+		dir := t.TempDir()
+		writeFile(t, filepath.Join(dir, kernel.ConfigFileName(kern)), []byte(cfg))
+		return []string{dir}
+	}
+	virtioKernel := configFor("CONFIG_ACPI=y\nCONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_CONSOLE=y\n")
+	manyDrives := func(n int) func(*vmm.Spec) {
+		return func(s *vmm.Spec) {
+			for i := 1; i < n; i++ {
+				s.Drives = append(s.Drives, vmm.Drive{ID: fmt.Sprintf("d%d", i), Path: img, ReadOnly: true})
+			}
+		}
+	}
 	tests := []struct {
 		name string
 		mut  func(*vmm.Spec)
@@ -345,6 +395,16 @@ func TestNewRefuses(t *testing.T) {
 		{"ELF without PVH", func(s *vmm.Spec) { s.Kernel = elfNoPVH }, Options{}, errcode.KernelUnsupported},
 		{"missing drive", func(s *vmm.Spec) { s.Drives[0].Path = img + ".gone" }, Options{}, errcode.NotFound},
 		{"socket path too long", func(s *vmm.Spec) { s.RuntimeDir = "/" + strings.Repeat("r", 120) }, Options{}, errcode.InvalidSpec},
+		{"no disk driver in the kernel", func(*vmm.Spec) {}, Options{KernelSearch: configFor("CONFIG_SERIAL_8250=y\n")}, errcode.KernelUnsupported},
+		// 24 virtio-mmio slots, one of them the channel port's.
+		{"more virtio drives than slots", manyDrives(24), Options{KernelSearch: virtioKernel}, errcode.InvalidSpec},
+	}
+	// The most that fit is accepted.
+	s := good
+	s.Drives = append([]vmm.Drive(nil), good.Drives...)
+	manyDrives(23)(&s)
+	if _, err := New(s, Options{KernelSearch: virtioKernel}); err != nil {
+		t.Errorf("23 virtio drives: %v", err)
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

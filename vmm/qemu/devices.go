@@ -7,6 +7,7 @@ import (
 
 	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/kernel"
+	"github.com/hyphae-run/hyphae/vmm"
 )
 
 // devices is how a guest kernel gets its drives and the host↔guest
@@ -15,6 +16,11 @@ import (
 // neither NVMe nor a second UART); otherwise the NVMe controllers and the
 // second 8250 UART that Debian's stock cloud kernel has built in (its
 // virtio drivers are modules, and hyphae boots without an initramfs).
+//
+// The guest finds microvm's virtio-mmio devices through ACPI: with ACPI
+// on (microvm's default, and needed for its PCIe bus) QEMU does not put
+// virtio_mmio.device= on the command line. So virtio-mmio counts only in
+// a kernel with CONFIG_ACPI.
 type devices struct {
 	// virtioBlk puts the drives on virtio-blk-device (/dev/vda, vdb, …)
 	// instead of NVMe controllers.
@@ -22,8 +28,9 @@ type devices struct {
 	// virtioPort makes the channel a virtio-serial port named
 	// ChannelPortName instead of the second UART.
 	virtioPort bool
-	// vsock: the kernel has virtio vsock built in, so a vhost-vsock
-	// device is worth adding where the host has /dev/vhost-vsock.
+	// vsock: the kernel has virtio vsock and virtio-mmio built in, so the
+	// vhost-vsock device (added where the host has /dev/vhost-vsock and
+	// the spec names a CID) goes on virtio-mmio rather than PCI.
 	vsock bool
 	// nicBuiltin: the kernel has the NIC's drivers (NetworkModules) built
 	// in, so AddNetwork needs no modules drive.
@@ -38,7 +45,7 @@ var stockDevices = devices{}
 // kernel that can be given neither kind of disk or neither kind of
 // channel is refused with errcode.KernelUnsupported.
 func chooseDevices(c kernel.Config) (devices, error) {
-	mmio := c.Builtin("VIRTIO_MMIO")
+	mmio := c.Builtin("VIRTIO_MMIO") && c.Builtin("ACPI")
 	d := devices{
 		virtioBlk:  mmio && c.Builtin("VIRTIO_BLK"),
 		virtioPort: mmio && c.Builtin("VIRTIO_CONSOLE"),
@@ -46,12 +53,12 @@ func chooseDevices(c kernel.Config) (devices, error) {
 		nicBuiltin: c.Builtin("VIRTIO_PCI") && c.Builtin("VIRTIO_NET"),
 	}
 	if !d.virtioBlk && !c.Builtin("BLK_DEV_NVME") {
-		return devices{}, errcode.New(errcode.KernelUnsupported, "the kernel has neither virtio-blk over virtio-mmio nor NVMe built in: the qemu driver cannot give it a root drive").
-			WithHint("build the kernel with CONFIG_VIRTIO_MMIO=y and CONFIG_VIRTIO_BLK=y, or CONFIG_BLK_DEV_NVME=y")
+		return devices{}, errcode.New(errcode.KernelUnsupported, "the kernel has neither virtio-blk over virtio-mmio (with ACPI) nor NVMe built in: the qemu driver cannot give it a root drive").
+			WithHint("build the kernel with CONFIG_ACPI=y, CONFIG_VIRTIO_MMIO=y and CONFIG_VIRTIO_BLK=y, or CONFIG_BLK_DEV_NVME=y")
 	}
 	if !d.virtioPort && (!c.Builtin("SERIAL_8250") || runtimeUARTs(c) < 2) {
-		return devices{}, errcode.New(errcode.KernelUnsupported, "the kernel has neither virtio-console over virtio-mmio nor a second 8250 UART built in: the qemu driver cannot give it a host channel").
-			WithHint("build the kernel with CONFIG_VIRTIO_MMIO=y and CONFIG_VIRTIO_CONSOLE=y, or CONFIG_SERIAL_8250=y with CONFIG_SERIAL_8250_RUNTIME_UARTS ≥ 2")
+		return devices{}, errcode.New(errcode.KernelUnsupported, "the kernel has neither virtio-console over virtio-mmio (with ACPI) nor a second 8250 UART built in: the qemu driver cannot give it a host channel").
+			WithHint("build the kernel with CONFIG_ACPI=y, CONFIG_VIRTIO_MMIO=y and CONFIG_VIRTIO_CONSOLE=y, or CONFIG_SERIAL_8250=y with CONFIG_SERIAL_8250_RUNTIME_UARTS ≥ 2")
 	}
 	return d, nil
 }
@@ -80,7 +87,7 @@ func devicesFor(kernelPath string, search []string, log *slog.Logger) (devices, 
 	c, from, err := kernel.FindConfig(kernelPath, search...)
 	switch {
 	case errcode.HasCode(err, errcode.ConfigNotFound):
-		log.Debug("no kernel config found; assuming a stock kernel (NVMe drives, second UART as the channel)", "kernel", kernelPath)
+		log.Warn("no kernel config found; assuming a stock kernel (NVMe drives, the second UART as the channel)", "kernel", kernelPath, "err", err)
 		return stockDevices, nil
 	case err != nil:
 		return devices{}, err
@@ -91,4 +98,38 @@ func devicesFor(kernelPath string, search []string, log *slog.Logger) (devices, 
 	}
 	log.Debug("guest devices", "kernel", kernelPath, "config", from, "virtio_blk", d.virtioBlk, "virtio_port", d.virtioPort)
 	return d, nil
+}
+
+// microvmVirtioSlots is how many virtio-mmio transports QEMU's microvm
+// machine has (seen here: the 25th virtio device finds no virtio-bus).
+const microvmVirtioSlots = 24
+
+// virtioDriveSlots is how many virtio drives fit next to the other
+// virtio-mmio devices of a VM with spec: the channel port and a
+// vhost-vsock device take a slot each.
+func (d devices) virtioDriveSlots(spec vmm.Spec) int {
+	n := microvmVirtioSlots
+	if d.virtioPort {
+		n--
+	}
+	if d.vsock && spec.VsockCID != 0 {
+		n--
+	}
+	return n
+}
+
+// RootDisk returns the -device driver and the guest device path the
+// driver uses for the root drive of the kernel at kernelPath (search: as
+// Options.KernelSearch), for programs that start QEMU by hand to compare
+// with it, such as bench/boot's baseline.
+func RootDisk(kernelPath string, search []string) (device, guestPath string, err error) {
+	d, err := devicesFor(kernelPath, search, slog.New(slog.DiscardHandler))
+	if err != nil {
+		return "", "", err
+	}
+	device = "nvme"
+	if d.virtioBlk {
+		device = virtioBlkDevice
+	}
+	return device, driveName(d, 0), nil
 }

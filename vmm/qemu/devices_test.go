@@ -16,7 +16,7 @@ func TestChooseDevices(t *testing.T) {
 	// CI guest config (scripts/kernel-config).
 	debian := kernel.Config{"BLK_DEV_NVME": "y", "SERIAL_8250": "y", "SERIAL_8250_RUNTIME_UARTS": "4",
 		"VIRTIO_BLK": "m", "VIRTIO_CONSOLE": "m", "VIRTIO_MMIO": "m", "VIRTIO_PCI": "m", "VIRTIO_NET": "m"}
-	firecracker := kernel.Config{"SERIAL_8250": "y", "SERIAL_8250_RUNTIME_UARTS": "1", "VIRTIO_MMIO": "y",
+	firecracker := kernel.Config{"ACPI": "y", "SERIAL_8250": "y", "SERIAL_8250_RUNTIME_UARTS": "1", "VIRTIO_MMIO": "y",
 		"VIRTIO_BLK": "y", "VIRTIO_CONSOLE": "y", "VIRTIO_VSOCKETS": "y", "VIRTIO_PCI": "y", "VIRTIO_NET": "y"}
 	with := func(c kernel.Config, kv ...string) kernel.Config {
 		out := kernel.Config{}
@@ -41,9 +41,13 @@ func TestChooseDevices(t *testing.T) {
 		{"debian cloud", debian, stockDevices, false},
 		{"firecracker ci", firecracker, devices{virtioBlk: true, virtioPort: true, vsock: true, nicBuiltin: true}, false},
 		{"virtio-blk without mmio", with(debian, "VIRTIO_BLK", "y"), stockDevices, false},
-		{"virtio disk, UART channel", with(debian, "VIRTIO_MMIO", "y", "VIRTIO_BLK", "y"), devices{virtioBlk: true}, false},
+		{"virtio disk, UART channel", with(debian, "ACPI", "y", "VIRTIO_MMIO", "y", "VIRTIO_BLK", "y"), devices{virtioBlk: true}, false},
 		{"default UART count", with(debian, "SERIAL_8250_RUNTIME_UARTS", ""), stockDevices, false},
 		{"no disk driver", with(debian, "BLK_DEV_NVME", ""), devices{}, true},
+		// Without ACPI the guest cannot find microvm's virtio-mmio devices.
+		{"virtio-mmio without ACPI", with(firecracker, "ACPI", ""), devices{}, true},
+		{"virtio-mmio without ACPI, NVMe and 2 UARTs", with(firecracker, "ACPI", "", "BLK_DEV_NVME", "y", "SERIAL_8250_RUNTIME_UARTS", "2"),
+			devices{nicBuiltin: true}, false},
 		{"one UART, no virtio console", with(firecracker, "VIRTIO_CONSOLE", "m"), devices{}, true},
 		{"no 8250 at all", with(debian, "SERIAL_8250", ""), devices{}, true},
 	} {

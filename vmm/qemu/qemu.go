@@ -59,9 +59,6 @@ const (
 	OverlayFile = "root-overlay.qcow2"
 )
 
-// maxVirtioDrives is how many drives driveName can name on virtio.
-const maxVirtioDrives = 26
-
 // startTimeout bounds the wait for QEMU's QMP socket when Start's ctx has
 // no deadline.
 const startTimeout = 30 * time.Second
@@ -136,8 +133,8 @@ func New(spec vmm.Spec, opts Options) (*Machine, error) {
 	if err != nil {
 		return nil, err
 	}
-	if dev.virtioBlk && len(spec.Drives) > maxVirtioDrives {
-		return nil, errcode.New(errcode.InvalidSpec, "%d drives: virtio disks are named vda to vdz, at most %d", len(spec.Drives), maxVirtioDrives)
+	if max := dev.virtioDriveSlots(spec); dev.virtioBlk && len(spec.Drives) > max {
+		return nil, errcode.New(errcode.InvalidSpec, "%d drives: microvm's virtio-mmio slots leave room for %d virtio drives", len(spec.Drives), max)
 	}
 	dir := spec.RuntimeDir
 	if dir == "" {

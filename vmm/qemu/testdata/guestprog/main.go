@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -42,6 +43,8 @@ func main() {
 		write()
 	case mode == "channel":
 		channel()
+	case mode == "drive":
+		drive()
 	default:
 		fmt.Printf("guestprog: unknown MODE %q\n", mode)
 		os.Exit(2)
@@ -59,6 +62,20 @@ func write() {
 	}
 	unix.Sync()
 	fmt.Println("guestprog: wrote to /")
+}
+
+// drive prints the serial number of the block device $DRIVE: NVMe keeps
+// it on the controller (/sys/block/nvmeXn1/device/serial), virtio-blk on
+// the disk (/sys/block/vdX/serial).
+func drive() {
+	name := filepath.Base(os.Getenv("DRIVE"))
+	for _, p := range []string{"/sys/block/" + name + "/serial", "/sys/block/" + name + "/device/serial"} {
+		if b, err := os.ReadFile(p); err == nil {
+			fmt.Printf("guestprog: drive serial %q\n", strings.TrimSpace(string(b)))
+			return
+		}
+	}
+	fail(fmt.Errorf("no serial for %s", name))
 }
 
 // channel talks over the channel $CHANNEL names (a serial device, or
