@@ -288,6 +288,9 @@ func (s *Server) importJob(jobID, owner string, u upload) {
 	}
 	fail := func(err error) {
 		log.Warn("bundle import failed", "err", err)
+		// Counted before the job shows final, so that whoever sees it
+		// final also sees it counted.
+		s.metrics.uploadJobEnded(store.JobFailed)
 		update(store.JobFailed, "failed", jobMessage(err), "")
 	}
 
@@ -315,6 +318,7 @@ func (s *Server) importJob(jobID, owner string, u upload) {
 		return
 	}
 	log.Info("bundle imported", "bundle", bundle.ID, "digest", res.Digest, "cached", res.Cached)
+	s.metrics.uploadJobEnded(store.JobSucceeded)
 	update(store.JobSucceeded, stageDone, "", bundle.ID)
 }
 

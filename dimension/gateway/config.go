@@ -73,6 +73,10 @@ type Config struct {
 	MaxUploadBytes int64
 	// MaxBodyBytes caps every other request body.
 	MaxBodyBytes int64
+	// MetricsPublic serves GET /metrics without an API key, for a
+	// scraper on a trusted network; otherwise it needs an admin's key
+	// (or DIMENSION_TOKEN) as its bearer token.
+	MetricsPublic bool
 	// Version is reported by /health.
 	Version string
 }
@@ -146,6 +150,7 @@ func ParseConfig(args []string, getenv func(string) string, out io.Writer) (Conf
 	bind("max-processing-timeout-secs", "largest processing timeout a bundle or request may ask for", (*secondsValue)(&c.MaxProcessingTimeout))
 	bind("max-upload-bytes", "largest bundle upload or push request", (*int64Value)(&c.MaxUploadBytes))
 	bind("max-body-bytes", "largest body of any other request", (*int64Value)(&c.MaxBodyBytes))
+	bind("metrics-public", "serve GET /metrics without an API key (default: admins only)", (*boolValue)(&c.MetricsPublic))
 	// The token is environment-only (see Config.Token).
 	c.Token = getenv(envPrefix + "TOKEN")
 	if len(errs) > 0 {
@@ -209,6 +214,7 @@ func (c Config) LogValue() slog.Value {
 		slog.Duration("max_processing_timeout", c.MaxProcessingTimeout),
 		slog.Int64("max_upload_bytes", c.MaxUploadBytes),
 		slog.Int64("max_body_bytes", c.MaxBodyBytes),
+		slog.Bool("metrics_public", c.MetricsPublic),
 		slog.String("version", c.Version),
 	)
 }

@@ -22,7 +22,7 @@ func TestParseConfig(t *testing.T) {
 			return c.Addr() == "0.0.0.0:3000" && c.MaxConcurrent == 200 && c.DrainTimeout == time.Minute && !c.Mock &&
 				c.DataDir == "/home/u/.local/share/dimension" && c.BootTimeout == 30*time.Second &&
 				c.ProcessingTimeout == 300*time.Second && c.MaxBootTimeout == 60*time.Second &&
-				c.MaxProcessingTimeout == 600*time.Second && c.MaxBodyBytes == DefaultMaxBodyBytes
+				c.MaxProcessingTimeout == 600*time.Second && c.MaxBodyBytes == DefaultMaxBodyBytes && !c.MetricsPublic
 		}, ""},
 		{"xdg", map[string]string{"XDG_DATA_HOME": "/x"}, nil, func(c Config) bool { return c.DataDir == "/x/dimension" }, ""},
 		{"env", map[string]string{
@@ -32,17 +32,20 @@ func TestParseConfig(t *testing.T) {
 			"DIMENSION_BOOT_TIMEOUT_SECS": "10", "DIMENSION_PROCESSING_TIMEOUT_SECS": "20",
 			"DIMENSION_MAX_BOOT_TIMEOUT_SECS": "11", "DIMENSION_MAX_PROCESSING_TIMEOUT_SECS": "21",
 			"DIMENSION_MAX_UPLOAD_BYTES": "100", "DIMENSION_MAX_BODY_BYTES": "50", "DIMENSION_WORKER_ID": "w1",
+			"DIMENSION_METRICS_PUBLIC": "true",
 		}, nil, func(c Config) bool {
 			return c.Addr() == "127.0.0.1:8080" && c.MaxConcurrent == 5 && c.Mock && c.DrainTimeout == 7*time.Second &&
 				c.KernelPath == "/k" && c.DataDir == "/d" && c.NATSURL == "nats://n:4222" && c.DatabaseURL == "postgres://db/x" &&
 				c.Token == "tok" && c.BootTimeout == 10*time.Second && c.ProcessingTimeout == 20*time.Second &&
 				c.MaxBootTimeout == 11*time.Second && c.MaxProcessingTimeout == 21*time.Second &&
-				c.MaxUploadBytes == 100 && c.MaxBodyBytes == 50 && c.WorkerID == "w1"
+				c.MaxUploadBytes == 100 && c.MaxBodyBytes == 50 && c.WorkerID == "w1" && c.MetricsPublic
 		}, ""},
 		{"flags over env", map[string]string{"DIMENSION_PORT": "8080", "DIMENSION_MOCK": "false"},
 			[]string{"--port", "9090", "--mock", "--max-concurrent=3"}, func(c Config) bool {
 				return c.Port == 9090 && c.Mock && c.MaxConcurrent == 3
 			}, ""},
+		{"metrics flag over env", map[string]string{"DIMENSION_METRICS_PUBLIC": "true"},
+			[]string{"--metrics-public=false"}, func(c Config) bool { return !c.MetricsPublic }, ""},
 		{"DATABASE_URL", map[string]string{"DATABASE_URL": "postgres://plain/x"}, nil, func(c Config) bool {
 			return c.DatabaseURL == "postgres://plain/x"
 		}, ""},

@@ -161,6 +161,8 @@ type envOptions struct {
 	// databaseURL selects PostgreSQL.
 	databaseURL string
 	workerID    string
+	// metricsPublic serves /metrics without an API key.
+	metricsPublic bool
 }
 
 // env is one gateway under test: a real SQLite (or PostgreSQL) store, a
@@ -248,8 +250,10 @@ func newEnv(t *testing.T, o envOptions) *env {
 	if o.workerID == "" {
 		o.workerID = "test-worker"
 	}
+	metrics := NewMetrics()
+	counted := metrics.CountEvents(evlog)
 	run, err := runner.New(runner.Options{
-		Backend: backend, Events: evlog, Store: st, MaxConcurrent: o.maxConcurrent, WorkerID: o.workerID,
+		Backend: backend, Events: counted, Store: st, MaxConcurrent: o.maxConcurrent, WorkerID: o.workerID,
 		StopGrace: 2 * time.Second, Logger: log,
 	})
 	if err != nil {
@@ -260,9 +264,9 @@ func newEnv(t *testing.T, o envOptions) *env {
 		t.Fatal(err)
 	}
 	srv, err := New(Options{
-		Store: st, Events: evlog, Runner: run, Images: reg, Token: o.token, WorkerID: o.workerID,
+		Store: st, Events: counted, Runner: run, Images: reg, Token: o.token, WorkerID: o.workerID,
 		MaxConcurrent: o.maxConcurrent, MaxBodyBytes: o.maxBody, MaxUploadBytes: o.maxUpload,
-		UploadDir: uploads, Version: "test", Logger: log,
+		UploadDir: uploads, Version: "test", Logger: log, Metrics: metrics, MetricsPublic: o.metricsPublic,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -95,6 +95,9 @@ func Run(ctx context.Context, cfg Config, o RunOptions) error {
 		return err
 	}
 	defer evlog.Close()
+	// The runner's appends go through the metrics too.
+	metrics := NewMetrics()
+	counted := metrics.CountEvents(evlog)
 	reg, err := registry.Open(ctx, filepath.Join(cfg.DataDir, registryDir), log.With("component", "registry"))
 	if err != nil {
 		return err
@@ -110,16 +113,17 @@ func Run(ctx context.Context, cfg Config, o RunOptions) error {
 		MaxBootTimeout: cfg.MaxBootTimeout, MaxProcessingTimeout: cfg.MaxProcessingTimeout,
 	}
 	run, err := runner.New(runner.Options{
-		Backend: backend, Events: evlog, Store: st, MaxConcurrent: cfg.MaxConcurrent,
+		Backend: backend, Events: counted, Store: st, MaxConcurrent: cfg.MaxConcurrent,
 		WorkerID: cfg.WorkerID, Limits: limits, Logger: log.With("component", "runner"),
 	})
 	if err != nil {
 		return err
 	}
 	srv, err := New(Options{
-		Store: st, Events: evlog, Runner: run, Images: reg, Token: cfg.Token, WorkerID: cfg.WorkerID,
+		Store: st, Events: counted, Runner: run, Images: reg, Token: cfg.Token, WorkerID: cfg.WorkerID,
 		Limits: limits, MaxConcurrent: cfg.MaxConcurrent, MaxBodyBytes: cfg.MaxBodyBytes,
 		MaxUploadBytes: cfg.MaxUploadBytes, UploadDir: uploads, Version: cfg.Version, Logger: log,
+		Metrics: metrics, MetricsPublic: cfg.MetricsPublic,
 	})
 	if err != nil {
 		return err

@@ -11,6 +11,7 @@ import (
 	"github.com/hyphae-run/hyphae/dimension/runner"
 	"github.com/hyphae-run/hyphae/dimension/sse"
 	"github.com/hyphae-run/hyphae/dimension/store"
+	"github.com/hyphae-run/hyphae/errcode"
 )
 
 // storeTimeout bounds the store writes done outside a request (job
@@ -78,6 +79,9 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 	}
 	permit, err := s.opts.Runner.Acquire()
 	if err != nil {
+		if errcode.HasCode(err, errcode.CapacityExceeded) {
+			s.metrics.capacityRejects.Inc()
+		}
 		return err
 	}
 	inv, err := s.store.CreateInvocation(r.Context(), store.Invocation{
@@ -103,7 +107,7 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 		go func() {
 			defer s.background.Done()
 			defer done()
-			out := s.opts.Runner.Run(ctx, permit, rreq)
+			out := s.execute(ctx, permit, rreq)
 			logOutcome(log, out)
 		}()
 		writeJSON(w, http.StatusAccepted, runAccepted{InvocationID: inv.ID, Status: store.StatusPending, EventsURL: eventsURL(inv.ID)})
@@ -113,7 +117,7 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 	// A sync run is stopped when its client goes away: nobody is left to
 	// receive its result (the events and the invocation keep it).
 	ctx, done := s.track(r.Context(), inv.ID)
-	out := s.opts.Runner.Run(ctx, permit, rreq)
+	out := s.execute(ctx, permit, rreq)
 	done()
 	logOutcome(log, out)
 	res := runResult{
@@ -132,6 +136,14 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, http.StatusOK, res)
 	return nil
+}
+
+// execute runs rreq on the runner, counting it in the metrics.
+func (s *Server) execute(ctx context.Context, p *runner.Permit, rreq runner.Request) runner.Outcome {
+	s.metrics.runStarted()
+	out := s.opts.Runner.Run(ctx, p, rreq)
+	s.metrics.runEnded(out)
+	return out
 }
 
 func logOutcome(log *slog.Logger, out runner.Outcome) {
@@ -210,6 +222,8 @@ func (s *Server) runEvents(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
+	s.metrics.sseSubscribers.Inc()
+	defer s.metrics.sseSubscribers.Dec()
 	// From here the response has started: failures can only end the
 	// stream (a client resumes with Last-Event-ID).
 	if err := sse.Stream(w, r, sub.Events(), sse.Options{Heartbeat: s.opts.Heartbeat}); err != nil {

@@ -1,8 +1,8 @@
 // Package gateway is dimension's HTTP API (ARCHITECTURE §3.4): bearer-key
 // auth and the admin routes, bundles (docker-save uploads imported with
 // the agent, ext4 pushes), runs (sync and async, through a runner's
-// permits), their Server-Sent Event streams, invocations, health, and a
-// graceful shutdown.
+// permits), their Server-Sent Event streams, invocations, health,
+// Prometheus metrics, and a graceful shutdown.
 //
 // Server is the handler with its dependencies handed in (tests build it on
 // a real store, event log and mock runner); Run opens everything from a
@@ -83,6 +83,13 @@ type Options struct {
 	Version string
 	// Logger receives request failures and lifecycle logs; nil discards.
 	Logger *slog.Logger
+	// Metrics are served on GET /metrics; nil means NewMetrics() (which
+	// then counts only the events the gateway itself appends: see
+	// Metrics.CountEvents).
+	Metrics *Metrics
+	// MetricsPublic lets GET /metrics answer without an API key
+	// (DIMENSION_METRICS_PUBLIC); otherwise it needs an admin's.
+	MetricsPublic bool
 }
 
 // Server is the gateway's HTTP handler.
@@ -91,6 +98,7 @@ type Server struct {
 	store   store.Store
 	log     *slog.Logger
 	mux     *http.ServeMux
+	metrics *Metrics
 	started time.Time
 
 	draining atomic.Bool
@@ -128,14 +136,21 @@ func New(opts Options) (*Server, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	if opts.Metrics == nil {
+		opts.Metrics = NewMetrics()
+	}
 	s := &Server{
 		opts:    opts,
 		store:   opts.Store,
 		log:     opts.Logger,
 		mux:     http.NewServeMux(),
+		metrics: opts.Metrics,
 		started: time.Now(),
 		jobs:    make(chan struct{}, opts.ImportJobs),
 		active:  map[string]context.CancelCauseFunc{},
+	}
+	if err := s.metrics.register(s); err != nil {
+		return nil, errcode.Wrap(errcode.InvalidArgument, err, "gateway: registering metrics (a Metrics serves one Server)")
 	}
 	s.jobCtx, s.cancelJob = context.WithCancel(context.Background())
 	s.routes()
@@ -163,6 +178,13 @@ func (s *Server) routes() {
 		s.mux.Handle(pattern, limitBody(limit, hh))
 	}
 	add("GET /health", public, body, s.health)
+	// Metrics say how busy the gateway is, never whose runs: admins only
+	// unless the operator opens them to an unauthenticated scraper.
+	metrics := admin
+	if s.opts.MetricsPublic {
+		metrics = public
+	}
+	add("GET /metrics", metrics, body, s.metrics.handler(s.log))
 
 	add("POST /run", user, body, s.postRun)
 	add("POST /run/{id}/stop", user, body, s.stopRun)
@@ -189,8 +211,9 @@ func (s *Server) routes() {
 	add("/", public, body, s.noRoute)
 }
 
-// ServeHTTP implements http.Handler.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// ServeHTTP implements http.Handler, counting every request in the
+// metrics.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.metrics.instrument(s.mux, w, r) }
 
 // handle adapts h, writing its error as the envelope.
 func (s *Server) handle(h handlerFunc) http.Handler {
