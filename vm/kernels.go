@@ -14,6 +14,7 @@ import (
 	"github.com/hyphae-run/hyphae/kernel"
 	"github.com/hyphae-run/hyphae/registry"
 	"github.com/hyphae-run/hyphae/vmm"
+	"github.com/hyphae-run/hyphae/vmm/qemu"
 )
 
 // Kernel is a registered kernel with the VMMs it is the default for.
@@ -213,6 +214,13 @@ func (rt *Runtime) ListKernels(ctx context.Context) ([]Kernel, error) {
 		out = append(out, kk)
 	}
 	return out, nil
+}
+
+// QEMUDevices says which devices the qemu driver gives the kernel at
+// kernelPath (qemu.DeviceSummary), with the files the registry keeps for
+// it taken into account.
+func (rt *Runtime) QEMUDevices(kernelPath string) (string, error) {
+	return qemu.DeviceSummary(kernelPath, rt.kernelSearch(kernelPath))
 }
 
 // RemoveKernel unregisters a kernel (its stored file goes with its last

@@ -103,6 +103,14 @@ func kernelPrereq(c *vmChecks, driver, hint string) prereq {
 			}
 			return probeResult{Detail: "no registered kernel can boot " + driver, Hint: hint}
 		}
-		return probeResult{OK: true, Detail: "default " + k.Name + " (" + k.Format + ", " + k.Path + ")"}
+		detail := "default " + k.Name + " (" + k.Format + ", " + k.Path + ")"
+		if driver == vmm.QEMU {
+			devs, err := rt.QEMUDevices(k.Path)
+			if err != nil {
+				return probeResult{Detail: detail + ": " + err.Error(), Hint: errcode.HintOf(err)}
+			}
+			detail += ": " + devs
+		}
+		return probeResult{OK: true, Detail: detail}
 	}}
 }

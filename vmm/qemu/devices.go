@@ -118,6 +118,32 @@ func (d devices) virtioDriveSlots(spec vmm.Spec) int {
 	return n
 }
 
+// DeviceSummary says, for people, which devices the driver gives the
+// kernel at kernelPath and why (search: as Options.KernelSearch), e.g.
+// "virtio-blk drives, virtio-serial channel (config: /boot/config-6.1)".
+// A kernel the driver refuses gives the refusal.
+func DeviceSummary(kernelPath string, search []string) (string, error) {
+	c, from, err := kernel.FindConfig(kernelPath, search...)
+	switch {
+	case errcode.HasCode(err, errcode.ConfigNotFound):
+		return "NVMe drives, UART channel (no kernel config found: assumed stock)", nil
+	case err != nil:
+		return "", err
+	}
+	d, err := chooseDevices(c)
+	if err != nil {
+		return "", err
+	}
+	disk, channel := "NVMe drives", "UART channel"
+	if d.virtioBlk {
+		disk = "virtio-blk drives"
+	}
+	if d.virtioPort {
+		channel = "virtio-serial channel"
+	}
+	return fmt.Sprintf("%s, %s (config: %s)", disk, channel, from), nil
+}
+
 // RootDisk returns the -device driver and the guest device path the
 // driver uses for the root drive of the kernel at kernelPath (search: as
 // Options.KernelSearch), for programs that start QEMU by hand to compare

@@ -4,6 +4,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/hyphae-run/hyphae/errcode"
@@ -91,5 +92,44 @@ func TestDevicesFor(t *testing.T) {
 	}
 	if _, err := devicesFor(k, nil, log); !errcode.HasCode(err, errcode.KernelUnsupported) {
 		t.Errorf("kernel without disk drivers: %v", err)
+	}
+}
+
+func TestDeviceSummary(t *testing.T) {
+	dir := t.TempDir()
+	for name, cfg := range map[string]string{
+		"vmlinux-virtio": "CONFIG_ACPI=y\nCONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_CONSOLE=y\n",
+		"vmlinux-none":   "CONFIG_SERIAL_8250=y\n",
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "config-"+strings.TrimPrefix(name, "vmlinux-")), []byte(cfg), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	plain := filepath.Join(dir, "plain")
+	if err := os.WriteFile(plain, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		kernel, want string
+		code         errcode.Code
+	}{
+		{filepath.Join(dir, "vmlinux-virtio"), "virtio-blk drives, virtio-serial channel (config: " + filepath.Join(dir, "config-virtio") + ")", ""},
+		{plain, "NVMe drives, UART channel (no kernel config found: assumed stock)", ""},
+		{kerneltest.Path(t), "NVMe drives, UART channel (config: ", ""},
+		{filepath.Join(dir, "vmlinux-none"), "", errcode.KernelUnsupported},
+	} {
+		got, err := DeviceSummary(tc.kernel, nil)
+		if tc.code != "" {
+			if !errcode.HasCode(err, tc.code) {
+				t.Errorf("%s: %q, %v; want %s", tc.kernel, got, err, tc.code)
+			}
+			continue
+		}
+		if err != nil || !strings.HasPrefix(got, tc.want) {
+			t.Errorf("%s: %q, %v; want %q", tc.kernel, got, err, tc.want)
+		}
 	}
 }
