@@ -12,9 +12,11 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/hyphae-run/hyphae/archive/archivetest"
 	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/guest"
 	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/project"
 	"github.com/hyphae-run/hyphae/registry"
 )
 
@@ -204,6 +206,79 @@ func TestBuildCacheAndInvalidation(t *testing.T) {
 	e.assertClean(t)
 }
 
+// TestBuildRuntimeInvalidation is the runtime row of the invalidation table
+// above, on a JavaScript project (the table's base is a prebuilt binary,
+// which ships no runtime): only the bytes of the Node.js runtime count, not
+// the path it was found at.
+func TestBuildRuntimeInvalidation(t *testing.T) {
+	host := testenv.RequiresTool(t, "node")
+	e := newEnv(t)
+	ctx := context.Background()
+	host, err := filepath.EvalSymlinks(host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "rt-js")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{
+		"package.json": `{"name":"rt-js","main":"index.js"}`,
+		"index.js":     "console.log('hi')\n",
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first, err := e.b.Build(ctx, BuildOptions{Dir: dir, Node: host})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostInfo, err := os.Stat(host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An ELF with bytes after its last section still runs: a different,
+	// working runtime.
+	longer := filepath.Join(t.TempDir(), "node")
+	copyFile(t, host, longer, 0o755)
+	appendTo(t, longer, "\x00")
+	if out, err := exec.Command(longer, "-e", "process.stdout.write('ok')").Output(); err != nil || string(out) != "ok" {
+		t.Fatalf("the changed node does not run: %q, %v", out, err)
+	}
+	same := filepath.Join(t.TempDir(), "node")
+	copyFile(t, host, same, 0o755)
+
+	tests := []struct {
+		name   string
+		node   string
+		size   int64 // of /usr/bin/node in the image
+		cached bool
+	}{
+		{name: "same runtime", node: host, size: hostInfo.Size(), cached: true},
+		{name: "identical copy elsewhere", node: same, size: hostInfo.Size(), cached: true},
+		{name: "runtime one byte longer", node: longer, size: hostInfo.Size() + 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, err := e.b.Build(ctx, BuildOptions{Dir: dir, Node: tt.node})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.cached != r.Cached || tt.cached != (r.Digest == first.Digest) {
+				t.Errorf("build with node %s = %+v; first digest %s, want cached %v", tt.node, r, first.Digest, tt.cached)
+			}
+			if st := debugfs(t, r.Path, "stat "+project.NodePath); !strings.Contains(st, "Size: "+strconv.FormatInt(tt.size, 10)+"\n") {
+				t.Errorf("%s in %s, want %d bytes:\n%s", project.NodePath, r.Path, tt.size, st)
+			}
+			if got, err := e.reg.LookupImage(ctx, "rt-js:latest"); err != nil || got.Digest != r.Digest {
+				t.Errorf("rt-js:latest → %v (%v), want %s", got.Digest, err, r.Digest)
+			}
+		})
+	}
+	e.assertClean(t)
+}
+
 func TestBuildExampleReadBack(t *testing.T) {
 	testenv.RequiresTool(t, "go")
 	e := newEnv(t)
@@ -308,6 +383,98 @@ func TestBuildFailureLeavesNothing(t *testing.T) {
 			}
 			if imgs, _ := e.reg.ListImages(ctx); len(imgs) != 0 {
 				t.Errorf("registered after a failure: %+v", imgs)
+			}
+			e.assertClean(t)
+		})
+	}
+}
+
+// TestFailedRebuildKeepsTag rebuilds an existing name:tag in every way that
+// can fail late (the project's own build, mkfs, registration, a hostile
+// archive imported under the same name, cancellation): the tag stays on its
+// old digest, the old image file is untouched and no file is added.
+func TestFailedRebuildKeepsTag(t *testing.T) {
+	testenv.RequiresTool(t, "go")
+	e := newEnv(t)
+	ctx := context.Background()
+	old, err := e.b.Build(ctx, BuildOptions{Binary: e.program(t, "svc", "v1"), Name: "svc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldIno := inode(t, old.Path)
+	changed := e.program(t, "svc", "v2")
+
+	broken := t.TempDir()
+	for name, body := range map[string]string{
+		"go.mod":  "module example.com/svc\n\ngo 1.22\n",
+		"main.go": "package main\n\nfunc main() { undefined() }\n",
+	} {
+		if err := os.WriteFile(filepath.Join(broken, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fakeMkfs := t.TempDir()
+	if err := os.WriteFile(filepath.Join(fakeMkfs, "mkfs.ext4"), []byte("#!/bin/sh\necho 'mkfs.ext4: No space left on device' >&2\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	failMkfs := func(t *testing.T) { t.Setenv("PATH", fakeMkfs+string(os.PathListSeparator)+os.Getenv("PATH")) }
+	hostile := filepath.Join(t.TempDir(), "svc.tar")
+	spec := debianLike(archivetest.OCI, false)
+	spec.Layers = append(spec.Layers, []archivetest.Entry{{Name: "../../escaped", Body: "x"}})
+	if err := archivetest.Write(hostile, spec); err != nil {
+		t.Fatal(err)
+	}
+	build := func(o BuildOptions) func(context.Context, *Builder) error {
+		return func(ctx context.Context, b *Builder) error { _, err := b.Build(ctx, o); return err }
+	}
+
+	tests := []struct {
+		name   string
+		run    func(context.Context, *Builder) error
+		setup  func(t *testing.T, b *Builder)
+		cancel bool
+		code   errcode.Code
+	}{
+		{name: "project build fails", run: build(BuildOptions{Dir: broken, Name: "svc"}), code: errcode.ProjectBuildFailed},
+		{name: "mkfs fails", run: build(BuildOptions{Binary: changed, Name: "svc"}), setup: func(t *testing.T, _ *Builder) { failMkfs(t) }, code: errcode.MkfsFailed},
+		{name: "forced rebuild, mkfs fails", run: build(BuildOptions{Binary: e.program(t, "svc", "v1"), Name: "svc", Force: true}),
+			setup: func(t *testing.T, _ *Builder) { failMkfs(t) }, code: errcode.MkfsFailed},
+		{name: "registration fails", run: build(BuildOptions{Binary: changed, Name: "svc"}),
+			setup: func(t *testing.T, b *Builder) { b.Store = failingStore{e.reg} }, code: errcode.RegistryError},
+		{name: "size too small", run: build(BuildOptions{Binary: changed, Name: "svc", SizeMiB: 1}), code: errcode.SizeLimit},
+		{name: "cancelled", run: build(BuildOptions{Binary: changed, Name: "svc"}), cancel: true},
+		{name: "hostile import", run: func(ctx context.Context, b *Builder) error {
+			_, err := b.Import(ctx, ImportOptions{Archive: hostile})
+			return err
+		}, code: errcode.UnsafeArchiveEntry},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := *e.b
+			if tt.setup != nil {
+				tt.setup(t, &b)
+			}
+			c := ctx
+			if tt.cancel {
+				cc, cancel := context.WithCancel(ctx)
+				cancel()
+				c = cc
+			}
+			err := tt.run(c, &b)
+			if err == nil {
+				t.Fatal("want an error")
+			}
+			if tt.code != "" && !errcode.HasCode(err, tt.code) {
+				t.Errorf("err = %v, want %s", err, tt.code)
+			}
+			if got, err := e.reg.LookupImage(ctx, "svc:latest"); err != nil || got.Digest != old.Digest {
+				t.Errorf("svc:latest → %v (%v) after a failed rebuild, want %s", got.Digest, err, old.Digest)
+			}
+			if imgs, _ := e.reg.ListImages(ctx); len(imgs) != 1 {
+				t.Errorf("registry holds %d images, want only the old one: %+v", len(imgs), imgs)
+			}
+			if ino := inode(t, old.Path); ino != oldIno {
+				t.Errorf("the old image file was replaced (inode %d → %d)", oldIno, ino)
 			}
 			e.assertClean(t)
 		})
