@@ -1,35 +1,26 @@
 package guestinit
 
 import (
-	"bufio"
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/hyphae-run/hyphae/guest"
 	"github.com/hyphae-run/hyphae/guestbin"
 	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/internal/testenv/pid1"
 )
 
-// The namespace harness boots the real, static hyphae-init as PID 1 of a
-// fresh PID and mount namespace, chrooted into a root directory built like
-// an image, with the static probe program (testdata/probe) as entrypoint.
-//
-// A kernel command line cannot be given to a namespace: a fresh proc shows
-// the host's. So the harness prepares /proc the way a supervisor may:
-// before exec'ing init it mounts the namespace's proc at ROOT/proc and
-// bind-mounts a file over ROOT/proc/cmdline. Init skips mounting a proc
-// that is already there (as it skips the kernel's devtmpfs automount) and
-// reads /proc/cmdline as always; production code has no test-only path.
+// The namespace harness (package pid1) boots the real, static hyphae-init
+// as PID 1 of a fresh PID and mount namespace, chrooted into a root
+// directory built like an image, with the static probe program
+// (testdata/probe) as entrypoint.
 
 // testImage describes the root directory a boot runs in.
 type testImage struct {
@@ -45,10 +36,7 @@ type harness struct {
 
 func newHarness(t *testing.T) harness {
 	t.Helper()
-	testenv.RequiresRoot(t)
-	testenv.RequiresTool(t, "unshare")
-	testenv.RequiresTool(t, "chroot")
-	testenv.RequiresTool(t, "mount")
+	pid1.Requires(t)
 	testenv.GuestBinaries(t, guestbin.Init)
 	init, err := guestbin.Locate(guestbin.Init)
 	if err != nil {
@@ -105,143 +93,6 @@ func writeFile(t *testing.T, p, content string) {
 	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// bootResult is what a boot printed and how the namespace ended.
-type bootResult struct {
-	lines  []string
-	stderr string
-	state  *os.ProcessState
-}
-
-// has reports whether line was printed.
-func (b bootResult) has(line string) bool {
-	for _, l := range b.lines {
-		if l == line {
-			return true
-		}
-	}
-	return false
-}
-
-// status parses the last console line, which must be init's.
-func (b bootResult) status(t *testing.T) guest.Status {
-	t.Helper()
-	if len(b.lines) == 0 {
-		t.Fatalf("no console output; stderr:\n%s", b.stderr)
-	}
-	last := b.lines[len(b.lines)-1]
-	st, ok := guest.ParseStatusLine(last)
-	if !ok {
-		t.Fatalf("last console line %q is not a status line; console:\n%s\nstderr:\n%s", last, strings.Join(b.lines, "\n"), b.stderr)
-	}
-	return st
-}
-
-// endedByReboot reports whether the namespace ended the way reboot(2) from
-// its PID 1 ends it: init killed by SIGHUP, which unshare either reports
-// as 129 or re-raises on itself.
-func (b bootResult) endedByReboot() bool {
-	if ws, ok := b.state.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return ws.Signal() == syscall.SIGHUP
-	}
-	return b.state.ExitCode() == 128+int(syscall.SIGHUP)
-}
-
-// boot runs root's /sbin/init as PID 1 of a new PID and mount namespace.
-// A non-empty cmdline becomes the namespace's /proc/cmdline. onLine sees
-// each console line with init's host pid.
-func boot(t *testing.T, root, cmdline string, onLine func(line string, initPid int)) bootResult {
-	t.Helper()
-	return bootWith(t, root, cmdline, bootOptions{}, onLine)
-}
-
-// bootOptions extend a boot.
-type bootOptions struct {
-	// net gives the boot a fresh network namespace (holding only lo).
-	net bool
-	// setup is a shell command run inside the namespaces before init, e.g.
-	// to create the devices a test configures.
-	setup string
-}
-
-// bootWith is boot with options.
-func bootWith(t *testing.T, root, cmdline string, o bootOptions, onLine func(line string, initPid int)) bootResult {
-	t.Helper()
-	args := []string{"--pid", "--mount", "--fork", "--propagation", "private", "--kill-child"}
-	if o.net {
-		args = append(args, "--net")
-	}
-	if cmdline == "" && o.setup == "" {
-		args = append(args, "chroot", root, guest.InitPath)
-	} else {
-		script, f := `exec chroot "$1" "$3"`, ""
-		if cmdline != "" {
-			f = filepath.Join(t.TempDir(), "cmdline")
-			writeFile(t, f, cmdline+"\n")
-			script = `mount -t proc proc "$1/proc" && mount --bind "$2" "$1/proc/cmdline" && ` + script
-		}
-		args = append(args, "sh", "-c", withSetup(o.setup, script), "sh", root, f, guest.InitPath)
-	}
-	// The deadline only keeps a broken init from hanging the test run.
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "unshare", args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var res bootResult
-	sc := bufio.NewScanner(stdout)
-	for sc.Scan() {
-		line := sc.Text()
-		res.lines = append(res.lines, line)
-		if onLine != nil {
-			onLine(line, childOf(t, cmd.Process.Pid))
-		}
-	}
-	err = cmd.Wait()
-	var exitErr *exec.ExitError
-	if err != nil && !errors.As(err, &exitErr) {
-		t.Fatalf("unshare: %v\n%s", err, stderr.String())
-	}
-	if ctx.Err() != nil {
-		t.Fatalf("boot did not end: console:\n%s\nstderr:\n%s", strings.Join(res.lines, "\n"), stderr.String())
-	}
-	res.stderr, res.state = stderr.String(), cmd.ProcessState
-	return res
-}
-
-// withSetup runs setup, when there is one, before script.
-func withSetup(setup, script string) string {
-	if setup == "" {
-		return script
-	}
-	return "(" + setup + ") && " + script
-}
-
-// childOf returns the only child of pid: with --fork, unshare's child is
-// the namespace's PID 1.
-func childOf(t *testing.T, pid int) int {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-	if err != nil {
-		t.Fatalf("finding init: %v", err)
-	}
-	f := strings.Fields(string(b))
-	if len(f) != 1 {
-		t.Fatalf("unshare has children %q, want one", f)
-	}
-	n, err := strconv.Atoi(f[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
 }
 
 func TestPID1InNamespace(t *testing.T) {
@@ -346,7 +197,7 @@ func TestPID1InNamespace(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			root := h.root(t, tt.img)
 			signalled := false
-			res := boot(t, root, tt.cmdline, func(line string, initPid int) {
+			res := pid1.Boot(t, root, pid1.Options{Cmdline: tt.cmdline, OnLine: func(line string, initPid int) {
 				if tt.signalOn != "" && line == tt.signalOn && !signalled {
 					signalled = true
 					sig := tt.sig
@@ -357,14 +208,14 @@ func TestPID1InNamespace(t *testing.T) {
 						t.Errorf("%v to init %d: %v", sig, initPid, err)
 					}
 				}
-			})
-			console := strings.Join(res.lines, "\n")
+			}})
+			console := strings.Join(res.Lines, "\n")
 			for _, w := range tt.want {
-				if !res.has(w) {
+				if !res.Has(w) {
 					t.Errorf("console lacks %q", w)
 				}
 			}
-			st := res.status(t)
+			st := res.Status(t)
 			switch {
 			case tt.fatal != "":
 				if st.ExitCode != -1 || !strings.Contains(st.Fatal, tt.fatal) {
@@ -373,14 +224,14 @@ func TestPID1InNamespace(t *testing.T) {
 			case st != tt.status:
 				t.Errorf("status %+v, want %+v", st, tt.status)
 			}
-			if !res.endedByReboot() {
-				t.Errorf("namespace ended with %v, want init killed by reboot(2) (SIGHUP)", res.state)
+			if !res.EndedByReboot() {
+				t.Errorf("namespace ended with %v, want init killed by reboot(2) (SIGHUP)", res.State)
 			}
 			if tt.check != nil {
 				tt.check(t, root)
 			}
 			if t.Failed() {
-				t.Logf("console:\n%s\nstderr:\n%s", console, res.stderr)
+				t.Logf("console:\n%s\nstderr:\n%s", console, res.Stderr)
 			}
 		})
 	}
@@ -443,23 +294,23 @@ func TestDeviceOverlayPersists(t *testing.T) {
 		{"read-root", []string{"probe: readback=written in the guest"}},
 	} {
 		root := h.root(t, testImage{entrypoint: []string{"/bin/probe", step.mode}})
-		res := boot(t, root, cmdline, nil)
+		res := pid1.Boot(t, root, pid1.Options{Cmdline: cmdline})
 		for _, w := range step.want {
-			if !res.has(w) {
+			if !res.Has(w) {
 				t.Errorf("%s: console lacks %q", step.mode, w)
 			}
 		}
-		if st := res.status(t); st != (guest.Status{ExitCode: 0}) {
+		if st := res.Status(t); st != (guest.Status{ExitCode: 0}) {
 			t.Errorf("%s: status %+v", step.mode, st)
 		}
-		if !res.endedByReboot() {
-			t.Errorf("%s: namespace ended with %v", step.mode, res.state)
+		if !res.EndedByReboot() {
+			t.Errorf("%s: namespace ended with %v", step.mode, res.State)
 		}
 		if _, err := os.Stat(filepath.Join(root, "overlay-probe")); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s: the write reached the lower root: stat = %v", step.mode, err)
 		}
 		if t.Failed() {
-			t.Fatalf("console:\n%s\nstderr:\n%s", strings.Join(res.lines, "\n"), res.stderr)
+			t.Fatalf("console:\n%s\nstderr:\n%s", strings.Join(res.Lines, "\n"), res.Stderr)
 		}
 	}
 	got, err := exec.Command(debugfs, "-R", "cat /hyphae-overlay/upper/overlay-probe", img).Output()

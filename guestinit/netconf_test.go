@@ -16,6 +16,7 @@ import (
 	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/guest"
 	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/internal/testenv/pid1"
 )
 
 func TestParseIPArg(t *testing.T) {
@@ -237,13 +238,13 @@ func TestNetworkBootInNamespace(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			root := h.root(t, testImage{entrypoint: probe})
-			res := bootWith(t, root, tt.cmdline, bootOptions{net: true, setup: tt.setup}, nil)
+			res := pid1.Boot(t, root, pid1.Options{Cmdline: tt.cmdline, Net: true, Setup: tt.setup})
 			for _, w := range tt.want {
-				if !res.has(w) {
+				if !res.Has(w) {
 					t.Errorf("console lacks %q", w)
 				}
 			}
-			st := res.status(t)
+			st := res.Status(t)
 			if tt.fatal != "" {
 				if st.ExitCode != -1 || !strings.Contains(st.Fatal, tt.fatal) {
 					t.Errorf("status %+v, want a fatal line containing %q", st, tt.fatal)
@@ -251,11 +252,11 @@ func TestNetworkBootInNamespace(t *testing.T) {
 			} else if st != (guest.Status{ExitCode: 0}) {
 				t.Errorf("status %+v", st)
 			}
-			if !res.endedByReboot() {
-				t.Errorf("namespace ended with %v", res.state)
+			if !res.EndedByReboot() {
+				t.Errorf("namespace ended with %v", res.State)
 			}
 			if t.Failed() {
-				t.Logf("console:\n%s\nstderr:\n%s", strings.Join(res.lines, "\n"), res.stderr)
+				t.Logf("console:\n%s\nstderr:\n%s", strings.Join(res.Lines, "\n"), res.Stderr)
 			}
 		})
 	}
