@@ -53,8 +53,8 @@ Cargo.toml (Rust: a static release build) or go.mod (Go: CGO_ENABLED=0).
 Rebuilding unchanged input returns the cached image without running mkfs;
 --force rebuilds anyway. --dry-run stages the tree and prints the digest it
 would have, without writing an image.`,
-		Example: `  hyphae build ./examples/go-hello
-  hyphae build ./examples/js-hello --name web --tag v1 --env PORT=8080
+		Example: `  hyphae build ./examples/hello-go
+  hyphae build ./examples/hello-js --name web --tag v1 --env PORT=8080
   hyphae build ./app --entrypoint "node server.js --port 8080" --size 256
   hyphae build --binary ./bin/tool --name tool --json`,
 		Args: cobra.MaximumNArgs(1),

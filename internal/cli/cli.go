@@ -101,7 +101,7 @@ keeps a local registry of images, kernels and VMs.
 Data lives in --home: $HYPHAE_HOME, else $XDG_DATA_HOME/hyphae, else
 ~/.local/share/hyphae (registry.db, images/, kernels/).`,
 		Example: `  hyphae check
-  hyphae build ./examples/go-hello --name hello
+  hyphae build ./examples/hello-go --name hello
   hyphae list images --json`,
 		SilenceErrors:     true,
 		SilenceUsage:      true,

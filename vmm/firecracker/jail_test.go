@@ -733,30 +733,18 @@ func TestJailedStartFailures(t *testing.T) {
 	}
 }
 
-// TestRealJailer boots a real kernel under the real jailer where one,
-// Firecracker and a working KVM exist. It needs root, a guest kernel in
-// HYPHAE_FIRECRACKER_KERNEL and the jail user (DefaultJailUser).
+// TestRealJailer boots realRoot under the real jailer where it,
+// Firecracker and a KVM that runs guests exist. It needs root and the jail
+// user (DefaultJailUser).
 func TestRealJailer(t *testing.T) {
-	kernel := os.Getenv("HYPHAE_FIRECRACKER_KERNEL")
-	_, jerr := exec.LookPath("jailer")
-	_, ferr := exec.LookPath("firecracker")
-	if jerr != nil || ferr != nil || !kvmWorks() || kernel == "" {
-		testenv.Optional(t, "jailer, firecracker, a working KVM and HYPHAE_FIRECRACKER_KERNEL are not all available on this host")
-	}
+	kernel := realFirecrackerKernel(t, true)
 	testenv.RequiresRoot(t)
-	testenv.RequiresTool(t, "mkfs.ext4")
 	uid, gid, err := LookupJailUser("")
 	if err != nil {
 		testenv.Optional(t, err.Error())
 	}
 	dir := t.TempDir()
-	root := filepath.Join(dir, "root.ext4")
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", root, "16M").CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
-	if err := os.Chmod(root, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	root := realRoot(t)
 	spec := vmm.Spec{
 		ID: "fc-jail-real", VCPUs: 1, MemoryMiB: 128, Kernel: kernel,
 		Drives:     []vmm.Drive{{ID: "rootfs", Path: root, Root: true}},
@@ -775,11 +763,8 @@ func TestRealJailer(t *testing.T) {
 	if err := m.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// No init on the root: the kernel panics and Firecracker exits.
 	_ = m.Wait(ctx)
-	if con := consoleText(t, m); !strings.Contains(con, "Linux version") {
-		t.Errorf("no kernel output on the console:\n%s", con)
-	}
+	checkRealConsole(t, consoleText(t, m))
 	if err := m.Cleanup(); err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/internal/testenv"
+	"github.com/hyphae-run/hyphae/kernel/kerneltest"
 	"github.com/hyphae-run/hyphae/vmm"
 )
 
@@ -377,23 +378,16 @@ func TestNewRejects(t *testing.T) {
 	}
 }
 
-// TestRealFirecracker boots a real kernel where Firecracker can run. It
-// needs firecracker on PATH, a working /dev/kvm and a guest kernel in
-// HYPHAE_FIRECRACKER_KERNEL (an uncompressed vmlinux).
+// TestRealFirecracker boots a hyphae image under a real Firecracker where
+// its binary and a KVM that really runs guests exist, on the
+// Firecracker-style test kernel (kerneltest.FirecrackerPath): hyphae-init
+// as PID 1 runs a program whose output and exit line reach the console.
 func TestRealFirecracker(t *testing.T) {
-	kernel := os.Getenv("HYPHAE_FIRECRACKER_KERNEL")
-	if _, err := exec.LookPath("firecracker"); err != nil || !kvmWorks() || kernel == "" {
-		testenv.Optional(t, "firecracker binary and a working KVM are not available on this host")
-	}
-	testenv.RequiresTool(t, "mkfs.ext4")
+	kernel := realFirecrackerKernel(t)
 	dir := t.TempDir()
-	root := filepath.Join(dir, "root.ext4")
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", root, "16M").CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
-	}
 	spec := vmm.Spec{
 		ID: "fc-real", VCPUs: 1, MemoryMiB: 128, Kernel: kernel,
-		Drives:     []vmm.Drive{{ID: "rootfs", Path: root, Root: true}},
+		Drives:     []vmm.Drive{{ID: "rootfs", Path: realRoot(t), Root: true}},
 		RuntimeDir: filepath.Join(dir, "run"),
 	}
 	m, err := New(spec, Options{})
@@ -406,36 +400,93 @@ func TestRealFirecracker(t *testing.T) {
 	if err := m.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// The root holds no init, so the kernel panics and panic=1 with
-	// reboot=k makes Firecracker exit: proof that the serial console, the
-	// drive and the exit path work.
 	if err := m.Wait(ctx); err != nil {
 		t.Logf("firecracker ended: %v", err)
 	}
-	if con := consoleText(t, m); !strings.Contains(con, "Linux version") {
-		t.Errorf("no kernel output on the console:\n%s", con)
-	}
+	checkRealConsole(t, consoleText(t, m))
 	if err := m.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
 	assertGone(t, m)
 }
 
-// kvmWorks reports whether /dev/kvm can create a VM (nested KVM can expose
-// the device yet fail there).
-func kvmWorks() bool {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+// realFirecrackerKernel skips (optionally: these cannot exist on CI's
+// hosts) unless the firecracker binary, the jailer when withJailer, and a
+// KVM that runs a guest (ProbeKVM) are there, and returns the
+// Firecracker-style test kernel.
+func realFirecrackerKernel(t *testing.T, withJailer ...bool) string {
+	t.Helper()
+	need := []string{"firecracker"}
+	if len(withJailer) > 0 && withJailer[0] {
+		need = append(need, "jailer")
+	}
+	for _, bin := range need {
+		if _, err := exec.LookPath(bin); err != nil {
+			testenv.Optional(t, bin+" is not on PATH")
+		}
+	}
+	if ok, reason := ProbeKVM(context.Background()); !ok {
+		testenv.Optional(t, "KVM does not run guests here: "+reason)
+	}
+	return kerneltest.FirecrackerPath(t)
+}
+
+// realRoot builds a root filesystem with hyphae-init as /sbin/init and a
+// static program that prints realGreeting as its entrypoint.
+func realRoot(t *testing.T) string {
+	t.Helper()
+	testenv.RequiresTool(t, "mkfs.ext4")
+	testenv.RequiresTool(t, "go")
+	libexec := testenv.GuestBinaries(t, "hyphae-init")
+	tree, src := t.TempDir(), t.TempDir()
+	for _, d := range []string{"sbin", "bin", "etc/hyphae", "dev", "proc", "sys", "run", "tmp"} {
+		if err := os.MkdirAll(filepath.Join(tree, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	init, err := os.ReadFile(filepath.Join(libexec, "hyphae-init"))
 	if err != nil {
-		return false
+		t.Fatal(err)
 	}
-	defer f.Close()
-	const kvmCreateVM = 0xAE01
-	fd, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), kvmCreateVM, 0)
-	if errno != 0 {
-		return false
+	files := map[string][]byte{
+		filepath.Join(tree, "sbin", "init"):          init,
+		filepath.Join(src, "go.mod"):                 []byte("module hello\n"),
+		filepath.Join(src, "main.go"):                []byte("package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"" + realGreeting + "\") }\n"),
+		filepath.Join(tree, "etc/hyphae/entrypoint"): []byte("/bin/hello\x00"),
+		filepath.Join(tree, "etc/hyphae/workdir"):    []byte("/\n"),
 	}
-	syscall.Close(int(fd))
-	return true
+	for p, b := range files {
+		if err := os.WriteFile(p, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	build := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(tree, "bin", "hello"), ".")
+	build.Dir = src
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	root := filepath.Join(t.TempDir(), "root.ext4")
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", tree, root, "64M").CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	// Readable by a jail user too.
+	if err := os.Chmod(root, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
+
+// realGreeting is what realRoot's program prints.
+const realGreeting = "hello from a real firecracker"
+
+// checkRealConsole asserts that realRoot's program ran and hyphae-init
+// reported its exit.
+func checkRealConsole(t *testing.T, con string) {
+	t.Helper()
+	if !strings.Contains(con, realGreeting) || !strings.Contains(con, "hyphae-init: exit code=0") {
+		t.Errorf("the program's output and exit line are not on the console:\n%s", con)
+	}
 }
 
 // TestKillDuringStart: a start stuck waiting for the API can be killed
