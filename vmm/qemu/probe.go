@@ -60,7 +60,9 @@ func ProbeKVM(ctx context.Context, binary, kernelPath string) (bool, string) {
 	}
 	b, _ := os.ReadFile(logPath)
 	if !strings.Contains(string(b), probeMarker) {
-		return false, "QEMU under KVM exited without the guest kernel running: " + strings.TrimSpace(vmmproc.Tail(logPath, 300))
+		// One line: the reason is shown in tables (hyphae check).
+		tail := strings.Join(strings.Fields(vmmproc.Tail(logPath, 300)), " ")
+		return false, "QEMU under KVM exited without the guest kernel running: " + tail
 	}
 	return true, "a guest kernel booted under KVM"
 }
