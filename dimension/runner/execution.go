@@ -105,8 +105,7 @@ func (x *execution) execute(ctx context.Context) {
 	select {
 	case err := <-written:
 		if err != nil {
-			x.out.Status, x.out.Reason, x.out.Err = StatusFailed, "channel_failed", x.withConsole(err)
-			x.stopSandbox = true
+			x.channelFailed(err)
 			return
 		}
 	case <-procTimer.C:
@@ -156,8 +155,7 @@ func (x *execution) relay(ctx context.Context, msgs <-chan inbound, procTimer *t
 					if errors.Is(err, io.EOF) {
 						err = errcode.New(errcode.ChannelFailed, "the channel closed before the agent reported Done")
 					}
-					x.out.Status, x.out.Reason, x.out.Err = StatusFailed, "channel_failed", x.withConsole(err)
-					x.emitError("runner", "channel_failed", "the host↔guest channel failed before the run ended", "", true)
+					x.channelFailed(err)
 				}
 				return
 			}
@@ -333,15 +331,19 @@ func (x *execution) finish() {
 		"exit_code", x.out.ExitCode, "duration_ms", x.out.DurationMs, "err", x.out.Err)
 }
 
-// withConsole adds the sandbox's console tail to a failure's error.
-func (x *execution) withConsole(err error) error {
-	if x.sess == nil {
-		return err
+// channelFailed ends the run on a broken host↔guest channel. Both the
+// outcome's error (logged by the caller) and the error event (seen by the
+// run's owner) carry the sandbox's console tail: for a guest that never
+// spoke the protocol (an image without the agent, a crashed init) it is
+// the only clue there is. The tail is bounded by the backend.
+func (x *execution) channelFailed(err error) {
+	x.stopSandbox = true
+	tail := strings.TrimSpace(x.sess.ConsoleTail())
+	if tail != "" {
+		err = fmt.Errorf("%w; the console ends:\n%s", err, tail)
 	}
-	if tail := strings.TrimSpace(x.sess.ConsoleTail()); tail != "" {
-		return fmt.Errorf("%w; the console ends:\n%s", err, tail)
-	}
-	return err
+	x.out.Status, x.out.Reason, x.out.Err = StatusFailed, "channel_failed", err
+	x.emitError("runner", "channel_failed", "the host↔guest channel failed before the run ended", tail, true)
 }
 
 // readChannel reads envelopes until the channel fails or quit closes,

@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -108,6 +109,10 @@ func TestRunEndings(t *testing.T) {
 		exit     int
 		reason   string
 		sequence []string // nil: not checked
+		// errHas is what the outcome's error must say (what the backend
+		// or the console printed); detail, the runner error event's
+		// detail.
+		errHas, detail string
 	}{
 		{name: "non-zero exit", fb: &fakeBackend{mode: "echo"}, payload: `{"exit_code":3}`, status: StatusFailed, exit: 3, reason: "exit_code"},
 		{name: "processing timeout", fb: &fakeBackend{mode: "sleep"}, tweak: func(r *Request) { r.ProcessingTimeout = 500 * time.Millisecond },
@@ -116,9 +121,10 @@ func TestRunEndings(t *testing.T) {
 		{name: "boot timeout", fb: &fakeBackend{boot: "hang"}, tweak: func(r *Request) { r.BootTimeout = 200 * time.Millisecond },
 			status: StatusTimedOut, exit: -1, reason: "boot_timeout", sequence: []string{"state:started", "state:completed"}},
 		{name: "boot failure", fb: &fakeBackend{boot: "fail"}, status: StatusFailed, exit: -1, reason: "boot_failed",
-			sequence: []string{"state:started", "state:completed"}},
+			sequence: []string{"state:started", "state:completed"}, errHas: "kernel panic"},
 		{name: "garbage from the guest", fb: &fakeBackend{boot: "garbage"}, status: StatusFailed, exit: -1, reason: "channel_failed",
-			sequence: []string{"state:started", "state:payload_delivered", "error", "state:completed"}},
+			sequence: []string{"state:started", "state:payload_delivered", "error", "state:completed"},
+			errHas:   "the console ends:\nfake console", detail: "fake console"},
 		{name: "agent error", fb: &fakeBackend{argv: []string{"/nonexistent/bundle"}}, status: StatusFailed, exit: -1, reason: "agent_error",
 			sequence: []string{"state:started", "state:payload_delivered", "error", "state:process_exited", "state:completed"}},
 	}
@@ -140,9 +146,19 @@ func TestRunEndings(t *testing.T) {
 			if out.Status != tt.status || out.ExitCode != tt.exit || out.Reason != tt.reason {
 				t.Fatalf("outcome %+v, want %s/%d/%s", out, tt.status, tt.exit, tt.reason)
 			}
+			if tt.errHas != "" && (out.Err == nil || !strings.Contains(out.Err.Error(), tt.errHas)) {
+				t.Fatalf("outcome error %v does not say %q", out.Err, tt.errHas)
+			}
 			evs := e.events(t, req.RunID)
 			if tt.sequence != nil && !reflect.DeepEqual(labels(evs), tt.sequence) {
 				t.Fatalf("events %v\nwant %v", labels(evs), tt.sequence)
+			}
+			if tt.detail != "" {
+				i := slices.IndexFunc(evs, func(ev events.Event) bool { return ev.Kind == KindError })
+				var body struct{ Code, Detail string }
+				if i < 0 || json.Unmarshal(evs[i].Body, &body) != nil || body.Code != tt.reason || body.Detail != tt.detail {
+					t.Fatalf("error event of %v: %+v, want detail %q", labels(evs), body, tt.detail)
+				}
 			}
 			c := completed(t, evs)
 			if c["status"] != tt.status || c["exit_code"].(float64) != float64(tt.exit) {
