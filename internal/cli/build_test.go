@@ -2,6 +2,7 @@ package cli
 
 import (
 	"bytes"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	_ "modernc.org/sqlite" // the registry's driver, to check the database directly
 
 	"github.com/hyphae-run/hyphae/archive/archivetest"
 	"github.com/hyphae-run/hyphae/image"
@@ -162,7 +164,7 @@ func TestImport(t *testing.T) {
 
 // TestBinary builds the real hyphae binary and runs it: `hyphae check
 // --json` with and without the guest binaries it needs, and two processes
-// building into one home at once.
+// building and importing into one home at once.
 func TestBinary(t *testing.T) {
 	testenv.RequiresTool(t, "mkfs.ext4")
 	testenv.RequiresTool(t, "debugfs")
@@ -174,7 +176,7 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	t.Run("check", func(t *testing.T) { testBinaryCheck(t, bin, lib) })
-	t.Run("concurrent builds", func(t *testing.T) { testConcurrentBuilds(t, bin, lib) })
+	t.Run("concurrent builds and imports", func(t *testing.T) { testConcurrentBuildsAndImports(t, bin, lib) })
 }
 
 func testBinaryCheck(t *testing.T, bin, lib string) {
@@ -235,9 +237,13 @@ func testBinaryCheck(t *testing.T, bin, lib string) {
 	}
 }
 
-// testConcurrentBuilds runs two hyphae processes that each build and tag
-// several images into one home at the same time, moving one shared tag too.
-func testConcurrentBuilds(t *testing.T, bin, lib string) {
+// testConcurrentBuildsAndImports runs two hyphae processes that each build
+// and import several images into one home at the same time, both moving
+// one shared tag with builds and imports alike. Afterwards the database
+// passes SQLite's integrity and foreign-key checks, and every tag points at
+// the image of its own content: a serial rerun of each command is a cache
+// hit on the very digest the tag holds.
+func testConcurrentBuildsAndImports(t *testing.T, bin, lib string) {
 	home := t.TempDir()
 	prog := filepath.Join(t.TempDir(), "prog")
 	b, err := os.ReadFile(filepath.Join(lib, "hyphae-init"))
@@ -245,18 +251,58 @@ func testConcurrentBuilds(t *testing.T, bin, lib string) {
 		t.Fatal(err)
 	}
 	os.WriteFile(prog, b, 0o755)
+	archives := t.TempDir()
 	const perProcess = 4
-	// Each process runs its builds one after another in a shell loop, so
-	// the two processes overlap for the whole run.
-	var script strings.Builder
-	for i := range perProcess {
-		fmt.Fprintf(&script, "%q build --binary %q --name p$1 --tag t%d --env N=$1-%d -q || exit 1\n", bin, prog, i, i)
-		fmt.Fprintf(&script, "%q build --binary %q --name shared --env N=$1-%d -q || exit 1\n", bin, prog, i)
+	// cmds[p][i] are process p's commands of round i: its own build, its
+	// own import, and the same two again under the shared name (cache
+	// hits that only move shared:latest).
+	type command struct {
+		args []string
+		ref  string // the tag it sets, "" for shared:latest
+	}
+	var rounds [2][perProcess][]command
+	var scripts [2]strings.Builder
+	for p := range 2 {
+		for i := range perProcess {
+			tarPath := filepath.Join(archives, fmt.Sprintf("a%d-%d.tar", p, i))
+			err := archivetest.Write(tarPath, archivetest.Spec{
+				Layout: archivetest.Layout(i % 2), Gzip: p == 1,
+				Layers: [][]archivetest.Entry{
+					{{Name: "bin/"}, {Name: "bin/app", Body: "#!/bin/sh\necho hi\n", Mode: 0o755}},
+					{{Name: "etc/"}, {Name: "etc/id", Body: fmt.Sprintf("%d-%d\n", p, i)}},
+				},
+				Config: v1.Config{Entrypoint: []string{"/bin/app"}, Env: []string{fmt.Sprintf("N=%d-%d", p, i)}},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			name := fmt.Sprint("p", p)
+			build := []string{"build", "--binary", prog, "--env", fmt.Sprintf("N=%d-%d", p, i)}
+			imp := []string{"import", tarPath}
+			own := []command{
+				{append(slices.Clone(build), "--name", name, "--tag", fmt.Sprint("b", i)), fmt.Sprintf("%s:b%d", name, i)},
+				{append(slices.Clone(imp), "--name", name, "--tag", fmt.Sprint("i", i)), fmt.Sprintf("%s:i%d", name, i)},
+			}
+			if p == 1 { // imports in one process meet builds in the other
+				own[0], own[1] = own[1], own[0]
+			}
+			shared := []command{{append(slices.Clone(build), "--name", "shared"), ""}, {append(slices.Clone(imp), "--name", "shared"), ""}}
+			rounds[p][i] = append(own, shared...)
+			for _, c := range rounds[p][i] {
+				fmt.Fprintf(&scripts[p], "%q", bin)
+				for _, a := range c.args {
+					fmt.Fprintf(&scripts[p], " %q", a)
+				}
+				scripts[p].WriteString(" -q || exit 1\n")
+			}
+		}
 	}
 	var cmds []*exec.Cmd
 	var outs []*bytes.Buffer
 	for p := range 2 {
-		cmd := exec.Command("sh", "-c", script.String(), "sh", fmt.Sprint(p))
+		// Each process runs its commands one after another in a shell
+		// loop, so the two processes overlap for the whole run.
+		cmd := exec.Command("sh", "-c", scripts[p].String())
 		cmd.Env = append(os.Environ(), "HYPHAE_HOME="+home, "HYPHAE_LIBEXEC="+lib)
 		out := &bytes.Buffer{}
 		cmd.Stdout, cmd.Stderr = out, out
@@ -270,32 +316,65 @@ func testConcurrentBuilds(t *testing.T, bin, lib string) {
 			t.Fatalf("process %d: %v\n%s", p, err, outs[p])
 		}
 	}
+
+	// Check the database itself before anything opens it through the
+	// registry, which would move a damaged one aside.
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(home, registry.DBFile)+"?_pragma=busy_timeout(5000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var integrity string
+	if err := db.QueryRow("PRAGMA integrity_check").Scan(&integrity); err != nil || integrity != "ok" {
+		t.Fatalf("integrity_check = %q, %v", integrity, err)
+	}
+	rows, err := db.Query("PRAGMA foreign_key_check")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows.Next() {
+		t.Error("foreign_key_check reports dangling rows")
+	}
+	rows.Close()
+	db.Close()
+
 	var imgs []registry.Image
 	hyphae(t, home, nil, "list", "images", "--json").decode(t, &imgs)
 	tags := map[string]string{}
-	digests := map[string]bool{}
+	sizes := map[string]int64{}
 	for _, img := range imgs {
-		digests[img.Digest] = true
+		sizes[img.Digest] = img.SizeBytes
 		if img.Name != "" {
 			tags[img.Ref()] = img.Digest
 		}
 	}
-	// 2×perProcess distinct images (the shared builds reuse them, cached),
-	// 2×perProcess own tags plus shared:latest.
-	if len(digests) != 2*perProcess || len(tags) != 2*perProcess+1 || tags["shared:latest"] == "" {
-		t.Fatalf("after concurrent builds: %d digests, tags %v", len(digests), tags)
+	// 2×2×perProcess distinct images (the shared ones reuse them, cached),
+	// each with its own tag, plus shared:latest.
+	if len(sizes) != 4*perProcess || len(tags) != 4*perProcess+1 || tags["shared:latest"] == "" {
+		t.Fatalf("after concurrent builds and imports: %d digests, tags %v", len(sizes), tags)
 	}
-	for d := range digests {
-		if _, err := os.Stat(filepath.Join(home, "images", strings.Replace(d, ":", "-", 1)+".ext4")); err != nil {
-			t.Fatalf("image file of %s: %v", d, err)
+	for p := range 2 {
+		for i := range perProcess {
+			for _, c := range rounds[p][i] {
+				if c.ref == "" {
+					continue
+				}
+				again := buildResult(t, hyphae(t, home, nil, append(slices.Clone(c.args), "--json")...))
+				if !again.Cached || again.Digest != tags[c.ref] {
+					t.Errorf("%s → %s, but a serial rerun of %v gives %+v", c.ref, tags[c.ref], c.args, again)
+				}
+			}
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(home, "images")); len(entries) != 2*perProcess {
-		t.Fatalf("images/ holds %d files, want %d (temp files left?)", len(entries), 2*perProcess)
+	for d, size := range sizes {
+		st, err := os.Stat(filepath.Join(home, "images", strings.Replace(d, ":", "-", 1)+".ext4"))
+		if err != nil || st.Size() != size {
+			t.Fatalf("image file of %s (registered size %d): %v", d, size, err)
+		}
 	}
-	// Opening the registry (done by list above) would have moved a damaged
-	// database aside.
+	if entries, _ := os.ReadDir(filepath.Join(home, "images")); len(entries) != len(sizes) {
+		t.Fatalf("images/ holds %d files, want %d (temp files left?)", len(entries), len(sizes))
+	}
 	if aside, _ := filepath.Glob(filepath.Join(home, registry.DBFile+".corrupt-*")); len(aside) != 0 {
-		t.Fatalf("registry was damaged by concurrent builds: %v", aside)
+		t.Fatalf("registry was damaged by concurrent builds and imports: %v", aside)
 	}
 }
