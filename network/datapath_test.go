@@ -80,14 +80,19 @@ func dialFrom(t *testing.T, ns *testNS, addr string, timeout time.Duration) (str
 }
 
 // topology is ns "host" (where the Manager works) with an uplink veth to
-// ns "remote" (198.51.100.2/24, plus the private 10.99.0.1/24 reached
-// through it), and one guest ns per VM whose eth0 is the peer of the veth
+// ns "remote" (198.51.100.2/24, plus the private 10.99.0.1/24 and the
+// link-local metadata address 169.254.169.254 reached through it), and one
+// guest ns per VM whose eth0 is the peer of the veth
 // that stands in for the VM's TAP.
 type topology struct {
 	host, remote *testNS
 	guests       map[int]*testNS
 	m            *Manager
 }
+
+// metadataIP is the link-local address clouds serve instance metadata on,
+// the usual reason a guest must not reach 169.254.0.0/16.
+const metadataIP = "169.254.169.254"
 
 func newTopology(t *testing.T) *topology {
 	tp := &topology{host: newTestNS(t, "host"), remote: newTestNS(t, "remote"), guests: map[int]*testNS{}}
@@ -97,7 +102,9 @@ func newTopology(t *testing.T) *topology {
 	tp.remote.ip(t, "addr", "add", "198.51.100.2/24", "dev", "up0")
 	tp.remote.ip(t, "addr", "add", "10.99.0.1/24", "dev", "up0")
 	tp.remote.ip(t, "link", "set", "up0", "up")
+	tp.remote.ip(t, "addr", "add", metadataIP+"/32", "dev", "up0")
 	tp.host.ip(t, "route", "add", "10.99.0.0/24", "via", "198.51.100.2")
+	tp.host.ip(t, "route", "add", metadataIP+"/32", "via", "198.51.100.2")
 	// The remote has no route back to the pool: replies reach the guest
 	// only if its address was masqueraded.
 
@@ -107,6 +114,17 @@ func newTopology(t *testing.T) *topology {
 			PeerNamespace: netlink.NsFd(int(tp.guests[l.Index].ns.handle))}
 	}
 	return tp
+}
+
+// nextLease is the lease the next addGuest will get, so that a guest's
+// Allow entries can name its own host address.
+func (tp *topology) nextLease(t *testing.T) Lease {
+	t.Helper()
+	l, err := tp.m.Pool().Lease(len(allocated(t, tp.m)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
 }
 
 // addGuest sets up a VM whose guest end is a fresh namespace.
@@ -142,15 +160,24 @@ func (tp *topology) dropCount(t *testing.T, chain, match string) int {
 
 func TestDataPath(t *testing.T) {
 	tp := newTopology(t)
-	allowed := netip.MustParsePrefix("10.99.0.1/32")
-	att, guest := tp.addGuest(t, "g1", Options{Allow: []Allow{{Prefix: allowed, Port: 8443}}})
+	// g1 may reach one private service, one port of its own host address
+	// and one port of the metadata address; g2 has no Allow entries.
+	g1Host := netip.PrefixFrom(tp.nextLease(t).HostIP, 32)
+	att, guest := tp.addGuest(t, "g1", Options{Allow: []Allow{
+		{Prefix: netip.MustParsePrefix("10.99.0.1/32"), Port: 8443},
+		{Prefix: g1Host, Port: 9191},
+		{Prefix: netip.MustParsePrefix(metadataIP + "/32"), Port: 80},
+	}})
 	att2, guest2 := tp.addGuest(t, "g2", Options{})
 
 	public := listenIn(t, tp.remote, "0.0.0.0:8080")
 	private := listenIn(t, tp.remote, "0.0.0.0:8443")
+	metadata := listenIn(t, tp.remote, "0.0.0.0:80")
 	hostSvc := listenIn(t, tp.host, "0.0.0.0:9090")
+	hostAllowed := listenIn(t, tp.host, "0.0.0.0:9191")
 	inGuest := listenIn(t, guest, "0.0.0.0:7070")
 	inGuest2 := listenIn(t, guest2, "0.0.0.0:7070")
+	guests := map[string]*testNS{"g1": guest, "g2": guest2}
 
 	t.Run("masquerade to a public address", func(t *testing.T) {
 		reply, err := dialFrom(t, guest, "198.51.100.2:8080", 10*time.Second)
@@ -162,24 +189,31 @@ func TestDataPath(t *testing.T) {
 		}
 	})
 
+	const linkLocal = `"169.254.0.0","len":16`
 	blocked := []struct {
 		name, from, addr string
 		server           *server
 		chain, rule      string
 	}{
+		// g1 is allowed port 9191 of this address, not 9090.
 		{"guest to host address", "g1", att.HostIP.String() + ":9090", hostSvc, "vm-g1-host", `"drop"`},
 		{"guest to host uplink address", "g1", "198.51.100.1:9090", hostSvc, "vm-g1-host", `"drop"`},
+		// g1's host Allow names its own host address, not the host as a
+		// whole.
+		{"guest to allowed port of another host address", "g1", att2.HostIP.String() + ":9191", hostAllowed, "vm-g1-host", `"drop"`},
+		{"unallowed guest to host address", "g2", att2.HostIP.String() + ":9191", hostAllowed, "vm-g2-host", `"drop"`},
 		{"guest to RFC 1918", "g1", "10.99.0.1:8080", public, "vm-g1-out", `"10.0.0.0","len":8`},
 		// Both guests' chains would drop this; the receiver's in chain is
 		// evaluated first.
 		{"guest to another guest", "g1", att2.GuestIP.String() + ":7070", inGuest2, "vm-g2-in", `"drop"`},
 		{"unallowed guest to RFC 1918", "g2", "10.99.0.1:8443", private, "vm-g2-out", `"10.0.0.0","len":8`},
+		{"guest to link-local", "g1", metadataIP + ":8080", public, "vm-g1-out", linkLocal},
+		{"unallowed guest to link-local", "g2", metadataIP + ":80", metadata, "vm-g2-out", linkLocal},
 	}
 	for _, b := range blocked {
 		t.Run(b.name, func(t *testing.T) {
-			from := map[string]*testNS{"g1": guest, "g2": guest2}[b.from]
 			before, seenBefore := tp.dropCount(t, b.chain, b.rule), len(b.server.connections())
-			if reply, err := dialFrom(t, from, b.addr, blockedWait); err == nil {
+			if reply, err := dialFrom(t, guests[b.from], b.addr, blockedWait); err == nil {
 				t.Fatalf("connected to %s (reply %q); want it blocked", b.addr, reply)
 			}
 			if after := tp.dropCount(t, b.chain, b.rule); after <= before {
@@ -191,15 +225,31 @@ func TestDataPath(t *testing.T) {
 		})
 	}
 
-	t.Run("allowed CIDR:PORT passes", func(t *testing.T) {
-		reply, err := dialFrom(t, guest, "10.99.0.1:8443", 10*time.Second)
-		if err != nil {
-			t.Fatalf("allowed 10.99.0.1:8443: %v", err)
-		}
-		if host, _, _ := net.SplitHostPort(reply); host != "198.51.100.1" {
-			t.Errorf("remote saw %q", reply)
-		}
-	})
+	allowed := []struct {
+		name, addr string
+		server     *server
+		seenAs     string // the client address the server should see
+	}{
+		{"allowed CIDR:PORT passes", "10.99.0.1:8443", private, "198.51.100.1"},
+		// Traffic to the host is not masqueraded.
+		{"allowed host address:PORT passes", att.HostIP.String() + ":9191", hostAllowed, att.GuestIP.String()},
+		{"allowed link-local:PORT passes", metadataIP + ":80", metadata, "198.51.100.1"},
+	}
+	for _, a := range allowed {
+		t.Run(a.name, func(t *testing.T) {
+			seenBefore := len(a.server.connections())
+			reply, err := dialFrom(t, guest, a.addr, 10*time.Second)
+			if err != nil {
+				t.Fatalf("allowed %s: %v", a.addr, err)
+			}
+			if host, _, _ := net.SplitHostPort(reply); host != a.seenAs {
+				t.Errorf("server saw the guest as %q, want %s", reply, a.seenAs)
+			}
+			if got := a.server.connections(); len(got) != seenBefore+1 {
+				t.Errorf("server saw %v, want one more connection than %d", got, seenBefore)
+			}
+		})
+	}
 
 	t.Run("host reaches the guest", func(t *testing.T) {
 		reply, err := dialFrom(t, tp.host, att.GuestIP.String()+":7070", 10*time.Second)
