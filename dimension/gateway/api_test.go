@@ -39,6 +39,7 @@ func TestErrorEnvelopes(t *testing.T) {
 		{"missing bundle", "POST", "/run", `{"payload":{}}`, http.StatusUnprocessableEntity, CodeValidation},
 		{"bad mode", "POST", "/run", `{"bundle_id":"x","mode":"later"}`, http.StatusUnprocessableEntity, CodeValidation},
 		{"negative timeout", "POST", "/run", `{"bundle_id":"x","timeout_secs":-1}`, http.StatusUnprocessableEntity, CodeValidation},
+		{"negative boot timeout", "POST", "/run", `{"bundle_id":"x","boot_timeout_secs":-1}`, http.StatusUnprocessableEntity, CodeValidation},
 		{"unknown bundle", "POST", "/run", `{"bundle_id":"ghost"}`, http.StatusNotFound, CodeNotFound},
 		{"bad bundle ref", "POST", "/run", `{"bundle_id":"Bad Name!"}`, http.StatusUnprocessableEntity, CodeValidation},
 		{"body over the cap", "POST", "/run", `{"bundle_id":"x","payload":"` + strings.Repeat("a", 2048) + `"}`, http.StatusRequestEntityTooLarge, CodePayloadTooLarge},

@@ -163,6 +163,8 @@ type envOptions struct {
 	workerID    string
 	// metricsPublic serves /metrics without an API key.
 	metricsPublic bool
+	// limits are the run timeouts' defaults and maxima (zero: runner's).
+	limits runner.Limits
 }
 
 // env is one gateway under test: a real SQLite (or PostgreSQL) store, a
@@ -254,7 +256,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 	counted := metrics.CountEvents(evlog)
 	run, err := runner.New(runner.Options{
 		Backend: backend, Events: counted, Store: st, MaxConcurrent: o.maxConcurrent, WorkerID: o.workerID,
-		StopGrace: 2 * time.Second, Logger: log,
+		StopGrace: 2 * time.Second, Limits: o.limits, Logger: log,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -265,7 +267,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 	}
 	srv, err := New(Options{
 		Store: st, Events: counted, Runner: run, Images: reg, Token: o.token, WorkerID: o.workerID,
-		MaxConcurrent: o.maxConcurrent, MaxBodyBytes: o.maxBody, MaxUploadBytes: o.maxUpload,
+		Limits: o.limits, MaxConcurrent: o.maxConcurrent, MaxBodyBytes: o.maxBody, MaxUploadBytes: o.maxUpload,
 		UploadDir: uploads, Version: "test", Logger: log, Metrics: metrics, MetricsPublic: o.metricsPublic,
 	})
 	if err != nil {

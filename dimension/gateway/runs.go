@@ -18,12 +18,16 @@ import (
 // updates, orphan reaping), so a dead database cannot hang them.
 const storeTimeout = 30 * time.Second
 
-// runRequest is POST /run's body.
+// runRequest is POST /run's body. timeout_secs is the processing
+// timeout; boot_timeout_secs (optional, an addition to §3.4) the boot
+// timeout. Each overrides the manifest's and is clamped to the server's
+// maximum.
 type runRequest struct {
-	BundleID    string          `json:"bundle_id"`
-	Mode        store.Mode      `json:"mode"`
-	Payload     json.RawMessage `json:"payload"`
-	TimeoutSecs int             `json:"timeout_secs"`
+	BundleID        string          `json:"bundle_id"`
+	Mode            store.Mode      `json:"mode"`
+	Payload         json.RawMessage `json:"payload"`
+	TimeoutSecs     int             `json:"timeout_secs"`
+	BootTimeoutSecs int             `json:"boot_timeout_secs"`
 }
 
 // runResult is a sync run's 200 body (and the details of its 5xx).
@@ -66,6 +70,9 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 	if req.TimeoutSecs < 0 {
 		return validation("timeout_secs", "timeout_secs %d is negative", req.TimeoutSecs)
 	}
+	if req.BootTimeoutSecs < 0 {
+		return validation("boot_timeout_secs", "boot_timeout_secs %d is negative", req.BootTimeoutSecs)
+	}
 	if len(req.Payload) == 0 {
 		req.Payload = json.RawMessage("null")
 	}
@@ -92,7 +99,7 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 		permit.Release()
 		return err
 	}
-	boot, processing := runner.ResolveTimeouts(req.TimeoutSecs, b.Manifest, s.opts.Limits)
+	boot, processing := runner.ResolveTimeouts(runner.Requested{BootSecs: req.BootTimeoutSecs, ProcessingSecs: req.TimeoutSecs}, b.Manifest, s.opts.Limits)
 	rreq := runner.Request{
 		RunID: inv.ID, UserID: owner, BundleID: b.ID, BundleRef: b.Ref(),
 		ImagePath: s.opts.Images.ImagePath(b.ImageDigest), Manifest: b.Manifest, Payload: req.Payload,

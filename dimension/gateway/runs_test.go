@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hyphae-run/hyphae/dimension/events"
 	"github.com/hyphae-run/hyphae/dimension/runner"
@@ -311,5 +312,51 @@ func TestSyncTimeout(t *testing.T) {
 	inv := e.finalInvocation(key, res.InvocationID)
 	if inv.Status != store.StatusTimedOut {
 		t.Fatalf("invocation %+v", inv)
+	}
+}
+
+// A run's timeouts: the request's boot_timeout_secs and timeout_secs over
+// the manifest's over the server defaults, each clamped to the server's
+// maximum. The started event says what the run got.
+func TestRunTimeouts(t *testing.T) {
+	e := newEnv(t, envOptions{limits: runner.Limits{BootTimeout: 10 * time.Second, ProcessingTimeout: 20 * time.Second,
+		MaxBootTimeout: 30 * time.Second, MaxProcessingTimeout: 40 * time.Second}})
+	u, key := e.newUser("tina")
+	e.seedBundle(u.ID, "plain", fx.echoDigest, store.Manifest{})
+	e.seedBundle(u.ID, "tuned", fx.echoDigest, store.Manifest{BootTimeoutSecs: 12, ProcessingTimeoutSecs: 22})
+	tests := []struct {
+		name              string
+		bundle            string
+		request           map[string]int
+		bootMs, processMs float64
+	}{
+		{"server defaults", "plain", nil, 10000, 20000},
+		{"manifest", "tuned", nil, 12000, 22000},
+		{"request over manifest", "tuned", map[string]int{"boot_timeout_secs": 15, "timeout_secs": 25}, 15000, 25000},
+		{"request boot only", "tuned", map[string]int{"boot_timeout_secs": 5}, 5000, 22000},
+		{"request over defaults", "plain", map[string]int{"boot_timeout_secs": 25, "timeout_secs": 35}, 25000, 35000},
+		{"clamped to the maxima", "tuned", map[string]int{"boot_timeout_secs": 100, "timeout_secs": 100}, 30000, 40000},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			body := map[string]any{"bundle_id": tt.bundle, "payload": 1}
+			for k, v := range tt.request {
+				body[k] = v
+			}
+			var res runResult
+			e.do("POST", "/run", key, body).ok(t, http.StatusOK, &res)
+			evs := e.openStream(key, res.InvocationID, "").rest(t)
+			var started struct {
+				Phase     string  `json:"phase"`
+				BootMs    float64 `json:"boot_timeout_ms"`
+				ProcessMs float64 `json:"processing_timeout_ms"`
+			}
+			if err := json.Unmarshal(evs[0].Body, &started); err != nil || started.Phase != "started" {
+				t.Fatalf("first event %s: %v", evs[0].Body, err)
+			}
+			if started.BootMs != tt.bootMs || started.ProcessMs != tt.processMs {
+				t.Fatalf("timeouts %v ms / %v ms, want %v / %v", started.BootMs, started.ProcessMs, tt.bootMs, tt.processMs)
+			}
+		})
 	}
 }

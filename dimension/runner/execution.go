@@ -52,7 +52,7 @@ func (x *execution) execute(ctx context.Context) {
 	x.out = Outcome{Status: StatusFailed, ExitCode: -1}
 	bootTO, procTO := req.BootTimeout, req.ProcessingTimeout
 	if bootTO <= 0 || procTO <= 0 {
-		b, p := ResolveTimeouts(0, req.Manifest, x.r.opts.Limits)
+		b, p := ResolveTimeouts(Requested{}, req.Manifest, x.r.opts.Limits)
 		bootTO, procTO = orDefault(bootTO, b), orDefault(procTO, p)
 	}
 	be := x.r.opts.Backend

@@ -414,18 +414,23 @@ func TestResolveTimeouts(t *testing.T) {
 	l := Limits{BootTimeout: 30 * time.Second, ProcessingTimeout: 300 * time.Second, MaxBootTimeout: 60 * time.Second, MaxProcessingTimeout: 600 * time.Second}
 	tests := []struct {
 		name       string
-		req        int
+		req        Requested
 		m          store.Manifest
 		l          Limits
 		boot, proc time.Duration
 	}{
-		{"server defaults", 0, store.Manifest{}, l, 30 * time.Second, 300 * time.Second},
-		{"zero limits take package defaults", 0, store.Manifest{}, Limits{}, DefaultBootTimeout, DefaultProcessingTimeout},
-		{"manifest", 0, store.Manifest{BootTimeoutSecs: 5, ProcessingTimeoutSecs: 7}, l, 5 * time.Second, 7 * time.Second},
-		{"request over manifest", 9, store.Manifest{ProcessingTimeoutSecs: 7}, l, 30 * time.Second, 9 * time.Second},
-		{"clamped", 10000, store.Manifest{BootTimeoutSecs: 1000}, l, 60 * time.Second, 600 * time.Second},
-		{"default over its max", 0, store.Manifest{}, Limits{BootTimeout: time.Hour, MaxBootTimeout: time.Minute}, time.Minute, DefaultProcessingTimeout},
-		{"negative request ignored", -4, store.Manifest{}, l, 30 * time.Second, 300 * time.Second},
+		{"server defaults", Requested{}, store.Manifest{}, l, 30 * time.Second, 300 * time.Second},
+		{"zero limits take package defaults", Requested{}, store.Manifest{}, Limits{}, DefaultBootTimeout, DefaultProcessingTimeout},
+		{"manifest", Requested{}, store.Manifest{BootTimeoutSecs: 5, ProcessingTimeoutSecs: 7}, l, 5 * time.Second, 7 * time.Second},
+		{"request over manifest", Requested{BootSecs: 8, ProcessingSecs: 9}, store.Manifest{BootTimeoutSecs: 5, ProcessingTimeoutSecs: 7}, l, 8 * time.Second, 9 * time.Second},
+		{"request boot only", Requested{BootSecs: 8}, store.Manifest{ProcessingTimeoutSecs: 7}, l, 8 * time.Second, 7 * time.Second},
+		{"request processing only", Requested{ProcessingSecs: 9}, store.Manifest{BootTimeoutSecs: 5}, l, 5 * time.Second, 9 * time.Second},
+		{"request over default", Requested{BootSecs: 45, ProcessingSecs: 500}, store.Manifest{}, l, 45 * time.Second, 500 * time.Second},
+		{"request clamped", Requested{BootSecs: 1000, ProcessingSecs: 10000}, store.Manifest{BootTimeoutSecs: 5, ProcessingTimeoutSecs: 7}, l, 60 * time.Second, 600 * time.Second},
+		{"huge request clamped", Requested{BootSecs: 1 << 40, ProcessingSecs: 1 << 40}, store.Manifest{}, l, 60 * time.Second, 600 * time.Second},
+		{"manifest clamped", Requested{}, store.Manifest{BootTimeoutSecs: 1000, ProcessingTimeoutSecs: 10000}, l, 60 * time.Second, 600 * time.Second},
+		{"default over its max", Requested{}, store.Manifest{}, Limits{BootTimeout: time.Hour, MaxBootTimeout: time.Minute}, time.Minute, DefaultProcessingTimeout},
+		{"negative request ignored", Requested{BootSecs: -3, ProcessingSecs: -4}, store.Manifest{}, l, 30 * time.Second, 300 * time.Second},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -41,22 +41,31 @@ func (l Limits) withDefaults() Limits {
 	return l
 }
 
-// ResolveTimeouts picks a run's boot and processing timeouts. The
-// processing timeout is the request's (requestSecs > 0), else the
-// manifest's, else the server default; the boot timeout is the manifest's,
-// else the server default (a request names only how long the work may
-// take). Both are clamped to the server's maxima.
-func ResolveTimeouts(requestSecs int, m store.Manifest, l Limits) (boot, processing time.Duration) {
+// Requested are the timeouts a run's request asks for, in whole seconds
+// (POST /run's boot_timeout_secs and timeout_secs); 0 asks for nothing.
+type Requested struct {
+	BootSecs, ProcessingSecs int
+}
+
+// ResolveTimeouts picks a run's boot and processing timeouts: each is the
+// request's (when > 0), else the bundle manifest's, else the server
+// default, and is clamped to the server's maximum.
+func ResolveTimeouts(req Requested, m store.Manifest, l Limits) (boot, processing time.Duration) {
 	l = l.withDefaults()
 	pick := func(def, max time.Duration, secs ...int) time.Duration {
 		for _, s := range secs {
 			if s > 0 {
-				return min(time.Duration(s)*time.Second, max)
+				// Compared in seconds: a huge request must not overflow
+				// into a negative duration.
+				if int64(s) > int64(max/time.Second) {
+					return max
+				}
+				return time.Duration(s) * time.Second
 			}
 		}
 		return def
 	}
-	boot = pick(l.BootTimeout, l.MaxBootTimeout, m.BootTimeoutSecs)
-	processing = pick(l.ProcessingTimeout, l.MaxProcessingTimeout, requestSecs, m.ProcessingTimeoutSecs)
+	boot = pick(l.BootTimeout, l.MaxBootTimeout, req.BootSecs, m.BootTimeoutSecs)
+	processing = pick(l.ProcessingTimeout, l.MaxProcessingTimeout, req.ProcessingSecs, m.ProcessingTimeoutSecs)
 	return boot, processing
 }
