@@ -38,6 +38,12 @@ type VMOptions struct {
 	VCPUs, MemoryMiB int
 	// BootArgs are appended to every guest's kernel command line.
 	BootArgs string
+	// Owner names the gateway whose VMs these are, unique on the host
+	// (dimension-server passes its data dir, made absolute here). Every
+	// VM's runtime dir records it with the VMM's identity, and
+	// ReapOrphanVMs sweeps only the dirs that name it. Empty leaves the
+	// dirs unmarked and makes ReapOrphanVMs a no-op.
+	Owner string
 	// Logger receives diagnostics (nil = slog.Default()).
 	Logger *slog.Logger
 }
@@ -57,6 +63,10 @@ type VMBackend struct {
 	log    *slog.Logger
 	choice vm.Choice
 	kernel string
+	owner  string
+
+	mu   sync.Mutex      // guards live
+	live map[string]bool // ids of the VMs this process runs now
 }
 
 var _ Backend = (*VMBackend)(nil)
@@ -66,6 +76,14 @@ var _ Backend = (*VMBackend)(nil)
 func NewVMBackend(ctx context.Context, o VMOptions) (*VMBackend, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
+	}
+	owner := o.Owner
+	if owner != "" {
+		abs, err := filepath.Abs(owner)
+		if err != nil {
+			return nil, errcode.Wrap(errcode.InvalidArgument, err, "vm backend owner %q", owner)
+		}
+		owner = abs
 	}
 	o.VCPUs = orDefaultInt(o.VCPUs, vm.DefaultVCPUs)
 	o.MemoryMiB = orDefaultInt(o.MemoryMiB, vm.DefaultMemoryMiB)
@@ -83,7 +101,7 @@ func NewVMBackend(ctx context.Context, o VMOptions) (*VMBackend, error) {
 		return nil, err
 	}
 	o.Logger.Info("vm backend ready", "driver", choice.Driver, "accel", choice.Accel, "reason", choice.Reason, "kernel", k.Path)
-	return &VMBackend{opts: o, log: o.Logger, choice: choice, kernel: k.Path}, nil
+	return &VMBackend{opts: o, log: o.Logger, choice: choice, kernel: k.Path, owner: owner, live: map[string]bool{}}, nil
 }
 
 // Name is the driver: "qemu" or "firecracker".
@@ -109,6 +127,7 @@ func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error)
 	if err != nil {
 		return nil, err
 	}
+	release := b.track(id)
 	args := []string{"quiet"}
 	if b.opts.BootArgs != "" {
 		args = append(args, b.opts.BootArgs)
@@ -137,9 +156,10 @@ func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error)
 		err = errcode.New(errcode.VMMUnavailable, "unknown driver %q", b.choice.Driver)
 	}
 	if err != nil {
+		release()
 		return nil, err
 	}
-	s := &vmSession{m: m, console: m.Info().ConsolePath}
+	s := &vmSession{m: m, console: m.Info().ConsolePath, release: release}
 	fail := func(err error) (Session, error) {
 		tail := s.ConsoleTail()
 		_ = s.Close()
@@ -148,8 +168,23 @@ func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error)
 		}
 		return nil, errcode.Wrap(errcode.BootFailed, err, "run %s: vm %s did not become ready; its console ends:\n%s", req.RunID, id, tail)
 	}
+	// Marked before the VMM exists, so that a gateway dying during the
+	// boot leaves a dir its successor removes; the VMM's identity is added
+	// as soon as Start returns (QEMU's QMP, Firecracker's API is up), well
+	// before the guest is. Only a death inside that short spawn window
+	// leaves a VMM the sweep cannot name.
+	own := vmOwner{ID: id, Run: req.RunID}
+	if err := b.markOwned(dir, own); err != nil {
+		return fail(err)
+	}
 	log.Info("booting vm", "vm", id, "driver", b.choice.Driver, "accel", b.choice.Accel, "image", req.ImagePath)
 	if err := m.Start(ctx); err != nil {
+		return fail(err)
+	}
+	if im, ok := m.(identifier); ok {
+		own.VMM, _ = im.Identity()
+	}
+	if err := b.markOwned(dir, own); err != nil {
 		return fail(err)
 	}
 	conn, err := m.DialChannel(ctx)
@@ -191,6 +226,7 @@ type vmSession struct {
 	m       vmm.Machine
 	console string
 	conn    net.Conn
+	release func() // forgets the VM in its backend's live set
 	once    sync.Once
 	err     error
 }
@@ -213,6 +249,7 @@ func (s *vmSession) Close() error {
 			_ = s.conn.Close()
 		}
 		s.err = s.m.Cleanup()
+		s.release()
 	})
 	return s.err
 }
