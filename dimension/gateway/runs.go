@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/hyphae-run/hyphae/dimension/sse"
 	"github.com/hyphae-run/hyphae/dimension/store"
 	"github.com/hyphae-run/hyphae/errcode"
+	"github.com/hyphae-run/hyphae/protocol"
 )
 
 // storeTimeout bounds the store writes done outside a request (job
@@ -52,7 +54,9 @@ func eventsURL(id string) string { return "/runs/" + id + "/events" }
 
 // postRun starts a run of one of the caller's bundles. The permit is taken
 // after auth and the bundle lookup, so neither strangers nor typos use
-// capacity; at capacity the answer is 503 capacity_exceeded.
+// capacity; at capacity the answer is 503 capacity_exceeded. A payload too
+// large for the protocol's one Request frame is 413 payload_too_large
+// before any of that.
 func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 	var req runRequest
 	if err := decodeBody(w, r, s.opts.MaxBodyBytes, &req, false); err != nil {
@@ -76,6 +80,14 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 	if len(req.Payload) == 0 {
 		req.Payload = json.RawMessage("null")
 	}
+	// The payload travels in one protocol frame: one that cannot is
+	// refused now, rather than after a VM has booted for it.
+	id := store.NewID(store.InvocationIDPrefix)
+	if n := runner.RequestFrameSize(id, req.Payload); n > protocol.MaxFrameSize {
+		return apiErr(http.StatusRequestEntityTooLarge, CodePayloadTooLarge,
+			fmt.Sprintf("the payload needs a %d-byte protocol frame; the guest accepts at most %d bytes", n, protocol.MaxFrameSize)).
+			withDetails(map[string]any{"field": "payload", "frame_bytes": n, "max_frame_bytes": protocol.MaxFrameSize})
+	}
 	if err := s.refuseWhileDraining(); err != nil {
 		return err
 	}
@@ -92,7 +104,7 @@ func (s *Server) postRun(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	inv, err := s.store.CreateInvocation(r.Context(), store.Invocation{
-		ID: store.NewID(store.InvocationIDPrefix), Owner: owner, BundleID: b.ID, BundleRef: b.Ref(),
+		ID: id, Owner: owner, BundleID: b.ID, BundleRef: b.Ref(),
 		Mode: req.Mode, WorkerID: s.opts.WorkerID,
 	})
 	if err != nil {

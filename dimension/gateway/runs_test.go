@@ -14,6 +14,8 @@ import (
 	"github.com/hyphae-run/hyphae/dimension/events"
 	"github.com/hyphae-run/hyphae/dimension/runner"
 	"github.com/hyphae-run/hyphae/dimension/store"
+	"github.com/hyphae-run/hyphae/protocol"
+	"github.com/hyphae-run/hyphae/protocol/pb"
 )
 
 func TestSyncRun(t *testing.T) {
@@ -359,4 +361,52 @@ func TestRunTimeouts(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A payload travels in one Request frame: one whose frame would be over
+// protocol.MaxFrameSize is refused with 413 before a permit is taken (here
+// every permit is), while one exactly at the cap is delivered whole.
+func TestPayloadFrameLimit(t *testing.T) {
+	e := newEnv(t, envOptions{maxConcurrent: 1, maxBody: 2 * protocol.MaxFrameSize})
+	u, key := e.newUser("fred")
+	e.seedBundle(u.ID, "echo", fx.echoDigest, store.Manifest{})
+	// The Request envelope of a P-byte payload for an "inv_" + 32 hex run
+	// id is P + 48 bytes: request_id (tag, length, 36) = 38, the request
+	// field's tag and 4-byte length = 5, the payload's tag and 4-byte
+	// length = 5. Checked against the protocol's own encoder.
+	atLimit := protocol.MaxFrameSize - 48
+	frame := func(n int) error {
+		_, err := protocol.AppendFrame(nil, &pb.Envelope{RequestId: store.NewID(store.InvocationIDPrefix),
+			Payload: &pb.Envelope_Request{Request: &pb.Request{Payload: make([]byte, n)}}})
+		return err
+	}
+	if frame(atLimit) != nil || frame(atLimit+1) == nil {
+		t.Fatalf("the frame arithmetic is off: %v, %v", frame(atLimit), frame(atLimit+1))
+	}
+	body := func(payloadLen int) string {
+		return `{"bundle_id":"echo","mode":"async","payload":"` + strings.Repeat("a", payloadLen-2) + `"}`
+	}
+	permit, err := e.run.Acquire()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer permit.Release() // idempotent; a failing test must not hold the drain
+	e.do("POST", "/run", key, body(atLimit+1)).apiError(t, http.StatusRequestEntityTooLarge, CodePayloadTooLarge)
+	// At the cap the size check passes: only capacity refuses it.
+	e.do("POST", "/run", key, body(atLimit)).apiError(t, http.StatusServiceUnavailable, CodeCapacityExceeded)
+	permit.Release()
+	var acc runAccepted
+	e.do("POST", "/run", key, body(atLimit)).ok(t, http.StatusAccepted, &acc)
+	evs := e.openStream(key, acc.InvocationID, "").rest(t)
+	for _, ev := range evs {
+		if label(ev) != "state:payload_delivered" {
+			continue
+		}
+		var b struct{ Bytes int }
+		if err := json.Unmarshal(ev.Body, &b); err != nil || b.Bytes != atLimit {
+			t.Fatalf("payload_delivered %s, want %d bytes", ev.Body, atLimit)
+		}
+		return
+	}
+	t.Fatalf("the payload at the cap was not delivered: %v", kindsOf(evs))
 }

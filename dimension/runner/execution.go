@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/hyphae-run/hyphae/agent"
 	"github.com/hyphae-run/hyphae/dimension/events"
 	"github.com/hyphae-run/hyphae/dimension/store"
@@ -99,8 +101,7 @@ func (x *execution) execute(ctx context.Context) {
 	w := protocol.NewWriter(conn)
 	written := make(chan error, 1)
 	go func() {
-		written <- w.WriteEnvelope(&pb.Envelope{RequestId: req.RunID,
-			Payload: &pb.Envelope_Request{Request: &pb.Request{Payload: req.Payload}}})
+		written <- w.WriteEnvelope(requestEnvelope(req.RunID, req.Payload))
 	}()
 	select {
 	case err := <-written:
@@ -119,6 +120,18 @@ func (x *execution) execute(ctx context.Context) {
 	}
 	x.state(PhasePayloadDelivered, map[string]any{"boot_ms": bootMs, "bytes": len(req.Payload)}, nil)
 	x.relay(ctx, msgs, procTimer, w)
+}
+
+// requestEnvelope is the Request that delivers a run's payload.
+func requestEnvelope(runID string, payload []byte) *pb.Envelope {
+	return &pb.Envelope{RequestId: runID, Payload: &pb.Envelope_Request{Request: &pb.Request{Payload: payload}}}
+}
+
+// RequestFrameSize is the encoded size of the Request envelope that would
+// deliver payload to run runID. Over protocol.MaxFrameSize the payload
+// cannot be delivered, so callers refuse it before booting anything.
+func RequestFrameSize(runID string, payload []byte) int {
+	return proto.Size(requestEnvelope(runID, payload))
 }
 
 // relay appends what the agent sends until Done. A timeout or a stop sends
