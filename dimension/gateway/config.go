@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hyphae-run/hyphae/dimension/events"
 	"github.com/hyphae-run/hyphae/dimension/runner"
 	"github.com/hyphae-run/hyphae/errcode"
 )
@@ -69,6 +70,11 @@ type Config struct {
 	// them).
 	BootTimeout, ProcessingTimeout       time.Duration
 	MaxBootTimeout, MaxProcessingTimeout time.Duration
+	// EventRetention is how long run events are kept (the stream's max
+	// age); EventMaxBytes caps the event log's size, dropping the oldest
+	// events first (-1: unlimited).
+	EventRetention time.Duration
+	EventMaxBytes  int64
 	// MaxUploadBytes caps a bundle upload or push request.
 	MaxUploadBytes int64
 	// MaxBodyBytes caps every other request body.
@@ -108,6 +114,8 @@ func defaults(getenv func(string) string) Config {
 		ProcessingTimeout:    runner.DefaultProcessingTimeout,
 		MaxBootTimeout:       runner.DefaultMaxBootTimeout,
 		MaxProcessingTimeout: runner.DefaultMaxProcessingTimeout,
+		EventRetention:       events.DefaultMaxAge,
+		EventMaxBytes:        events.DefaultMaxBytes,
 		MaxUploadBytes:       DefaultMaxUploadBytes,
 		MaxBodyBytes:         DefaultMaxBodyBytes,
 		Version:              "dev",
@@ -148,6 +156,8 @@ func ParseConfig(args []string, getenv func(string) string, out io.Writer) (Conf
 	bind("processing-timeout-secs", "default processing timeout", (*secondsValue)(&c.ProcessingTimeout))
 	bind("max-boot-timeout-secs", "largest boot timeout a bundle or request may ask for", (*secondsValue)(&c.MaxBootTimeout))
 	bind("max-processing-timeout-secs", "largest processing timeout a bundle or request may ask for", (*secondsValue)(&c.MaxProcessingTimeout))
+	bind("event-retention", "how long run events are kept, as a Go duration (168h = 7 days)", (*durationValue)(&c.EventRetention))
+	bind("event-max-bytes", "largest size of the event log before the oldest events go (-1: unlimited)", (*int64Value)(&c.EventMaxBytes))
 	bind("max-upload-bytes", "largest bundle upload or push request", (*int64Value)(&c.MaxUploadBytes))
 	bind("max-body-bytes", "largest body of any other request", (*int64Value)(&c.MaxBodyBytes))
 	bind("metrics-public", "serve GET /metrics without an API key (default: admins only)", (*boolValue)(&c.MetricsPublic))
@@ -183,6 +193,10 @@ func (c Config) Validate() error {
 		return bad("boot timeout %s is over the maximum %s", c.BootTimeout, c.MaxBootTimeout)
 	case c.ProcessingTimeout > c.MaxProcessingTimeout:
 		return bad("processing timeout %s is over the maximum %s", c.ProcessingTimeout, c.MaxProcessingTimeout)
+	case c.EventRetention <= 0:
+		return bad("event retention %s must be positive", c.EventRetention)
+	case c.EventMaxBytes <= 0 && c.EventMaxBytes != -1:
+		return bad("event log max bytes %d must be positive, or -1 for unlimited", c.EventMaxBytes)
 	case c.MaxUploadBytes <= 0 || c.MaxBodyBytes <= 0:
 		return bad("body limits must be positive")
 	case c.DataDir == "":
@@ -212,6 +226,8 @@ func (c Config) LogValue() slog.Value {
 		slog.Duration("processing_timeout", c.ProcessingTimeout),
 		slog.Duration("max_boot_timeout", c.MaxBootTimeout),
 		slog.Duration("max_processing_timeout", c.MaxProcessingTimeout),
+		slog.Duration("event_retention", c.EventRetention),
+		slog.Int64("event_max_bytes", c.EventMaxBytes),
 		slog.Int64("max_upload_bytes", c.MaxUploadBytes),
 		slog.Int64("max_body_bytes", c.MaxBodyBytes),
 		slog.Bool("metrics_public", c.MetricsPublic),
@@ -251,11 +267,12 @@ func redactURL(s string) string {
 // flag.Value implementations for the configuration's types. The standard
 // flag package's are not exported as types that can wrap a field.
 type (
-	stringValue  string
-	intValue     int
-	int64Value   int64
-	boolValue    bool
-	secondsValue time.Duration
+	stringValue   string
+	intValue      int
+	int64Value    int64
+	boolValue     bool
+	secondsValue  time.Duration
+	durationValue time.Duration
 )
 
 func (v *stringValue) Set(s string) error { *v = stringValue(s); return nil }
@@ -322,4 +339,19 @@ func (v *secondsValue) String() string {
 		return "0"
 	}
 	return strconv.FormatInt(int64(time.Duration(*v)/time.Second), 10)
+}
+
+func (v *durationValue) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("not a duration (such as 168h or 30m)")
+	}
+	*v = durationValue(d)
+	return nil
+}
+func (v *durationValue) String() string {
+	if v == nil {
+		return "0s"
+	}
+	return time.Duration(*v).String()
 }

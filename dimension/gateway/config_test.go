@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hyphae-run/hyphae/dimension/events"
 )
 
 func TestParseConfig(t *testing.T) {
@@ -22,7 +24,8 @@ func TestParseConfig(t *testing.T) {
 			return c.Addr() == "0.0.0.0:3000" && c.MaxConcurrent == 200 && c.DrainTimeout == time.Minute && !c.Mock &&
 				c.DataDir == "/home/u/.local/share/dimension" && c.BootTimeout == 30*time.Second &&
 				c.ProcessingTimeout == 300*time.Second && c.MaxBootTimeout == 60*time.Second &&
-				c.MaxProcessingTimeout == 600*time.Second && c.MaxBodyBytes == DefaultMaxBodyBytes && !c.MetricsPublic
+				c.MaxProcessingTimeout == 600*time.Second && c.MaxBodyBytes == DefaultMaxBodyBytes && !c.MetricsPublic &&
+				c.EventRetention == 7*24*time.Hour && c.EventMaxBytes == events.DefaultMaxBytes
 		}, ""},
 		{"xdg", map[string]string{"XDG_DATA_HOME": "/x"}, nil, func(c Config) bool { return c.DataDir == "/x/dimension" }, ""},
 		{"env", map[string]string{
@@ -32,14 +35,19 @@ func TestParseConfig(t *testing.T) {
 			"DIMENSION_BOOT_TIMEOUT_SECS": "10", "DIMENSION_PROCESSING_TIMEOUT_SECS": "20",
 			"DIMENSION_MAX_BOOT_TIMEOUT_SECS": "11", "DIMENSION_MAX_PROCESSING_TIMEOUT_SECS": "21",
 			"DIMENSION_MAX_UPLOAD_BYTES": "100", "DIMENSION_MAX_BODY_BYTES": "50", "DIMENSION_WORKER_ID": "w1",
-			"DIMENSION_METRICS_PUBLIC": "true",
+			"DIMENSION_METRICS_PUBLIC": "true", "DIMENSION_EVENT_RETENTION": "36h", "DIMENSION_EVENT_MAX_BYTES": "1000",
 		}, nil, func(c Config) bool {
 			return c.Addr() == "127.0.0.1:8080" && c.MaxConcurrent == 5 && c.Mock && c.DrainTimeout == 7*time.Second &&
 				c.KernelPath == "/k" && c.DataDir == "/d" && c.NATSURL == "nats://n:4222" && c.DatabaseURL == "postgres://db/x" &&
 				c.Token == "tok" && c.BootTimeout == 10*time.Second && c.ProcessingTimeout == 20*time.Second &&
 				c.MaxBootTimeout == 11*time.Second && c.MaxProcessingTimeout == 21*time.Second &&
-				c.MaxUploadBytes == 100 && c.MaxBodyBytes == 50 && c.WorkerID == "w1" && c.MetricsPublic
+				c.MaxUploadBytes == 100 && c.MaxBodyBytes == 50 && c.WorkerID == "w1" && c.MetricsPublic &&
+				c.EventRetention == 36*time.Hour && c.EventMaxBytes == 1000
 		}, ""},
+		{"event log flags over env", map[string]string{"DIMENSION_EVENT_RETENTION": "36h"},
+			[]string{"--event-retention", "90m", "--event-max-bytes=-1"}, func(c Config) bool {
+				return c.EventRetention == 90*time.Minute && c.EventMaxBytes == -1
+			}, ""},
 		{"flags over env", map[string]string{"DIMENSION_PORT": "8080", "DIMENSION_MOCK": "false"},
 			[]string{"--port", "9090", "--mock", "--max-concurrent=3"}, func(c Config) bool {
 				return c.Port == 9090 && c.Mock && c.MaxConcurrent == 3
@@ -55,6 +63,9 @@ func TestParseConfig(t *testing.T) {
 		{"bad env int", map[string]string{"DIMENSION_PORT": "x"}, nil, nil, "DIMENSION_PORT"},
 		{"bad env bool", map[string]string{"DIMENSION_MOCK": "yes please"}, nil, nil, "DIMENSION_MOCK"},
 		{"negative secs", map[string]string{"DIMENSION_DRAIN_TIMEOUT_SECS": "-1"}, nil, nil, "DIMENSION_DRAIN_TIMEOUT_SECS"},
+		{"bad retention", map[string]string{"DIMENSION_EVENT_RETENTION": "7 days"}, nil, nil, "DIMENSION_EVENT_RETENTION"},
+		{"zero retention", nil, []string{"--event-retention", "0s"}, nil, "event retention"},
+		{"zero event bytes", map[string]string{"DIMENSION_EVENT_MAX_BYTES": "0"}, nil, nil, "event log max bytes"},
 		{"port range", nil, []string{"--port", "70000"}, nil, "port"},
 		{"zero permits", nil, []string{"--max-concurrent", "0"}, nil, "max concurrent"},
 		{"default over max", map[string]string{"DIMENSION_BOOT_TIMEOUT_SECS": "90"}, nil, nil, "boot timeout"},
@@ -102,7 +113,7 @@ func TestConfigLogValueHidesSecrets(t *testing.T) {
 			t.Fatalf("log shows %q: %s", secret, out)
 		}
 	}
-	for _, want := range []string{"token_set=true", "db:5432", "n2:4222", "n3:4222", "max_concurrent=200"} {
+	for _, want := range []string{"token_set=true", "db:5432", "n2:4222", "n3:4222", "max_concurrent=200", "event_retention=168h0m0s", "event_max_bytes=1073741824"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("log lacks %q: %s", want, out)
 		}

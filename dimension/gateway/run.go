@@ -90,7 +90,10 @@ func Run(ctx context.Context, cfg Config, o RunOptions) error {
 	if err := bootstrap(ctx, st, o.Stderr, log); err != nil {
 		return err
 	}
-	evlog, err := events.Open(ctx, events.Options{URL: cfg.NATSURL, StoreDir: filepath.Join(cfg.DataDir, natsDir), Logger: log})
+	evlog, err := events.Open(ctx, events.Options{
+		URL: cfg.NATSURL, StoreDir: filepath.Join(cfg.DataDir, natsDir),
+		MaxAge: cfg.EventRetention, MaxBytes: cfg.EventMaxBytes, Logger: log,
+	})
 	if err != nil {
 		return err
 	}
@@ -233,8 +236,17 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (runner.Backe
 			}
 		}, nil
 	}
-	b, err := runner.NewVMBackend(ctx, runner.VMOptions{Kernel: cfg.KernelPath, Logger: l})
-	return b, func() {}, err
+	b, err := runner.NewVMBackend(ctx, runner.VMOptions{Kernel: cfg.KernelPath, Owner: cfg.DataDir, Logger: l})
+	if err != nil {
+		return nil, nil, err
+	}
+	// Before any run boots: the VMs a predecessor on this data dir left
+	// running when it died (SIGKILL, a crash) are killed and their runtime
+	// dirs removed. What cannot be removed now is retried at the next start.
+	if dirs, err := b.ReapOrphanVMs(ctx); err != nil || len(dirs) > 0 {
+		l.Warn("reaped orphaned vms", "removed", len(dirs), "dirs", dirs, "err", err)
+	}
+	return b, func() {}, nil
 }
 
 // wrapHint is errcode.Wrap with a hint for the operator.

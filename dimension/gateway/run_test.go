@@ -41,7 +41,7 @@ func testConfig(dataDir string) Config {
 func startProcess(t *testing.T, cfg Config) *process {
 	t.Helper()
 	fixture(t)
-	log, _ := testLogger(t)
+	log, logs := testLogger(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -54,7 +54,7 @@ func startProcess(t *testing.T, cfg Config) *process {
 	}()
 	select {
 	case a := <-ready:
-		p.env = &env{t: t, url: "http://" + a.String()}
+		p.env = &env{t: t, url: "http://" + a.String(), logs: logs}
 	case err := <-p.done:
 		t.Fatalf("Run ended before serving: %v", err)
 	case <-time.After(testTimeout):
@@ -240,6 +240,21 @@ func TestRunGracefulShutdown(t *testing.T) {
 		p2.do("GET", "/invocations/"+id, key, nil).ok(t, http.StatusOK, &inv)
 		if inv.Status != want {
 			t.Fatalf("%s is %s, want %s", id, inv.Status, want)
+		}
+	}
+}
+
+// The event log's retention settings reach the stream: the log reports
+// the limits it opened the stream with.
+func TestRunEventRetention(t *testing.T) {
+	cfg := testConfig(t.TempDir())
+	cfg.EventRetention, cfg.EventMaxBytes = 36*time.Hour, 64<<20
+	p := startProcess(t, cfg)
+	p.stop(t)
+	logs := p.logs.String()
+	for _, want := range []string{"msg=\"event log open\"", "max_age=36h0m0s", "max_bytes=67108864"} {
+		if !strings.Contains(logs, want) {
+			t.Fatalf("the gateway log lacks %q:\n%s", want, logs)
 		}
 	}
 }
