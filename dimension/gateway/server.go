@@ -77,7 +77,7 @@ type Options struct {
 	// ImportJobs bounds concurrent upload imports (CPU- and disk-heavy);
 	// 0 means 2.
 	ImportJobs int
-	// Heartbeat is the SSE idle heartbeat; 0 means sse.DefaultHeartbeat.
+	// Heartbeat is the SSE heartbeat interval; 0 means sse.DefaultHeartbeat.
 	Heartbeat time.Duration
 	// Version is reported by /health.
 	Version string

@@ -8,8 +8,9 @@
 //	event: <kind>
 //	data: <one-line JSON, see events.Event.DataJSON>
 //
-// followed by an empty line, and ": heartbeat" comments while the stream
-// is idle. The stream ends after the run's completed event.
+// followed by an empty line, and a ": heartbeat" comment every 15 s
+// whether or not events flow. The stream ends after the run's completed
+// event.
 package sse
 
 import (
@@ -31,9 +32,11 @@ const (
 
 // Options configure Stream.
 type Options struct {
-	// Heartbeat is how long the stream may be idle before a ": heartbeat"
-	// comment is sent, so proxies and clients can tell a quiet run from a
-	// dead connection; 0 means DefaultHeartbeat.
+	// Heartbeat is the interval of the ": heartbeat" comments, so proxies
+	// and clients can tell a quiet run from a dead connection. It is a
+	// fixed tick (§3.4: every 15 s), not an idle timeout: a busy stream
+	// carries them too, and a client can rely on their rate. 0 means
+	// DefaultHeartbeat.
 	Heartbeat time.Duration
 	// WriteTimeout bounds each write to the client, so a client that stops
 	// reading is dropped instead of holding the handler forever; 0 means
@@ -80,13 +83,13 @@ func Stream(w http.ResponseWriter, r *http.Request, sub <-chan events.Event, opt
 	if err := rc.Flush(); err != nil {
 		return errcode.Wrap(errcode.EventLogFailed, err, "the response writer cannot stream")
 	}
-	idle := time.NewTimer(opts.Heartbeat)
-	defer idle.Stop()
+	heartbeat := time.NewTicker(opts.Heartbeat)
+	defer heartbeat.Stop()
 	for {
 		select {
 		case <-r.Context().Done():
 			return r.Context().Err()
-		case <-idle.C:
+		case <-heartbeat.C:
 			if err := send(Frame{Comment: "heartbeat"}); err != nil {
 				return err
 			}
@@ -105,7 +108,6 @@ func Stream(w http.ResponseWriter, r *http.Request, sub <-chan events.Event, opt
 				return nil
 			}
 		}
-		idle.Reset(opts.Heartbeat)
 	}
 }
 

@@ -98,6 +98,63 @@ func TestStreamWireFormat(t *testing.T) {
 	}
 }
 
+// Heartbeats come on a fixed tick, also while events flow without a
+// pause: the feeder never lets the stream idle, yet heartbeats arrive
+// between events.
+func TestStreamHeartbeatWhileBusy(t *testing.T) {
+	url, feed, result := chanServer(t, Options{Heartbeat: 50 * time.Millisecond})
+	stop := make(chan struct{})
+	go func() {
+		seq := uint64(1)
+		for {
+			select {
+			case feed <- events.Event{RunID: "r", Seq: seq, Kind: "tick", ContentType: "application/json", Body: []byte("1")}:
+				seq++
+			case <-stop:
+				feed <- state("r", seq, "completed")
+				return
+			}
+		}
+	}()
+	r := NewReader(get(t, url, nil).Body)
+	// Far more events than flow in one heartbeat interval (each is a
+	// flushed write): a stream that carries none by then has none.
+	const patience = 100000
+	heartbeats, n, busyGaps := 0, 0, 0
+	for heartbeats < 3 {
+		f, err := r.Next()
+		if err != nil {
+			t.Fatalf("Next after %d heartbeats: %v", heartbeats, err)
+		}
+		if !f.IsComment() {
+			if n++; n > patience {
+				t.Fatalf("%d events in a row without a heartbeat", n)
+			}
+			continue
+		}
+		if heartbeats > 0 && n > 0 {
+			busyGaps++
+		}
+		heartbeats++
+		n = 0
+	}
+	close(stop)
+	if busyGaps == 0 {
+		t.Fatal("no events flowed between the heartbeats: the stream was not busy")
+	}
+	for {
+		if _, err := r.Next(); err != nil {
+			if !errors.Is(err, io.EOF) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if err := <-result; err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestStreamHeartbeat(t *testing.T) {
 	url, feed, result := chanServer(t, Options{Heartbeat: 10 * time.Millisecond})
 	go func() { feed <- state("r", 1, "started") }()
