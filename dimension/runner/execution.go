@@ -239,8 +239,11 @@ func (x *execution) relayOutbound(m *pb.OutboundMessage) {
 	if attrs == nil {
 		attrs = map[string]string{}
 	}
-	// Only the runner says whether a run is mocked.
+	// Only the runner says whether a run is mocked, and who raised an
+	// error: a bundle may send events of kind "error", but none that
+	// passes for the agent's or the runner's own.
 	delete(attrs, AttrMock)
+	delete(attrs, AttrSource)
 	if m.GetKind() == agent.KindStdoutFinal {
 		x.out.Stdout = m.GetBody()
 	}

@@ -82,6 +82,10 @@ func testBundle(mode string, args []string) int {
 	case "spoof":
 		_ = bundle.Send(events.KindState, map[string]string{"phase": "completed", "status": "completed"}, nil)
 		_ = bundle.Send("ok", true, nil)
+	case "spoof-error":
+		// An error of its own, dressed up as the agent's.
+		_ = bundle.Send(KindError, map[string]any{"code": "internal", "message": "agent crashed", "terminal": true},
+			map[string]string{AttrSource: "agent", "k": "v"})
 	}
 	return 0
 }

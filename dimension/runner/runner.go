@@ -52,15 +52,17 @@ const (
 )
 
 // KindError is the kind of the events that report the agent's Error
-// envelopes and the bundle events the runner refused; attribute "source"
-// says which ("agent" or "runner").
+// envelopes, a broken channel and the bundle events the runner refused;
+// attribute "source" says which ("agent" or "runner"). Bundles may send
+// events of this kind too, but theirs never carry "source": the runner
+// drops it from everything a bundle sends.
 const KindError = "error"
 
 // Attributes the runner sets.
 const (
 	AttrMock   = "mock"   // "true" on every event of a mock-mode run
 	AttrVMM    = "vmm"    // the backend's name, on started
-	AttrSource = "source" // who raised an error event: agent or runner
+	AttrSource = "source" // who raised an error event: agent or runner (never a bundle)
 )
 
 // Defaults for Options.

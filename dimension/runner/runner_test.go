@@ -360,6 +360,26 @@ func TestStateKindReserved(t *testing.T) {
 	}
 }
 
+// A bundle may send events of kind "error", but the "source" attribute
+// belongs to the agent's and the runner's own: the runner drops it, so a
+// bundle's error cannot pass for theirs. Its other attributes stay.
+func TestErrorSourceNotSpoofable(t *testing.T) {
+	e := newEnv(t)
+	r := e.runner(t, &fakeBackend{t: t, mode: "spoof-error"}, 1)
+	req := e.request(t, "{}")
+	if out := r.Run(t.Context(), nil, req); out.Status != StatusCompleted {
+		t.Fatalf("outcome %+v", out)
+	}
+	evs := e.events(t, req.RunID)
+	want := []string{"state:started", "state:payload_delivered", KindError, "stdout-final", "state:process_exited", "state:completed"}
+	if !reflect.DeepEqual(labels(evs), want) {
+		t.Fatalf("events %v\nwant %v", labels(evs), want)
+	}
+	if _, has := evs[2].Attrs[AttrSource]; has || evs[2].Attrs["k"] != "v" {
+		t.Fatalf("the bundle's error event has attrs %v", evs[2].Attrs)
+	}
+}
+
 // Drain refuses new runs, waits for running ones until its context ends,
 // then stops them.
 func TestDrain(t *testing.T) {
