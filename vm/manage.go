@@ -150,25 +150,14 @@ func (rt *Runtime) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	return rep, errors.Join(errs...)
 }
 
-// killVerified SIGKILLs the process id names when, and only when, it is
-// still that process (vmmproc.Attach checks the identity through a pidfd,
-// so the PID cannot be reused in between). It reports whether it killed.
+// killVerified is vmmproc.KillVerified with this runtime's bound and
+// logger; a kill that fails is logged and counts as not killed.
 func (rt *Runtime) killVerified(id vmmproc.Identity) bool {
-	p, err := vmmproc.Attach(id, rt.log)
+	killed, err := vmmproc.KillVerified(id, orphanKillWait, rt.log)
 	if err != nil {
-		return false
-	}
-	defer p.Release()
-	if err := p.Kill(); err != nil {
 		rt.log.Warn("cannot kill orphaned vmm", "pid", id.PID, "err", err)
-		return false
 	}
-	select {
-	case <-p.Done():
-	case <-time.After(orphanKillWait):
-		rt.log.Warn("orphaned vmm still running after SIGKILL", "pid", id.PID)
-	}
-	return true
+	return killed
 }
 
 // removeRuntimeDir removes a row's runtime directory when it is really
