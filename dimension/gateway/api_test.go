@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -136,4 +137,46 @@ func TestHealth(t *testing.T) {
 	e.do("POST", "/run", key, map[string]string{"bundle_id": "echo"}).apiError(t, http.StatusServiceUnavailable, CodeServiceUnavailable)
 	e.postMultipart("/bundles/upload", key, map[string]string{"name": "x"}, map[string]string{"image": fx.echoArchive}).
 		apiError(t, http.StatusServiceUnavailable, CodeServiceUnavailable)
+}
+
+// A handler that panics still answers: the 500 internal_error envelope
+// (the panic logged with its stack, never sent) when nothing was written,
+// an aborted response when it had begun. The server keeps serving.
+func TestHandlerPanic(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	_, key := e.newUser("pete")
+	mux := http.NewServeMux()
+	mux.Handle("GET /panic", e.srv.handle(func(http.ResponseWriter, *http.Request) error { panic("secret boom") }))
+	mux.Handle("GET /authed-panic", e.srv.authenticated(false, func(http.ResponseWriter, *http.Request) error { panic("boom behind auth") }))
+	mux.Handle("GET /late-panic", e.srv.handle(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write([]byte(`{"partial":`))
+		_ = http.NewResponseController(w).Flush()
+		panic("boom mid-body")
+	}))
+	ts := httptest.NewServer(mux)
+	t.Cleanup(ts.Close)
+	pe := &env{t: t, url: ts.URL}
+	for _, path := range []string{"/panic", "/authed-panic"} {
+		body := pe.do("GET", path, key, nil).apiError(t, http.StatusInternalServerError, CodeInternal)
+		if strings.Contains(body.Message, "boom") {
+			t.Fatalf("the panic reached the client: %+v", body)
+		}
+	}
+	req, _ := http.NewRequest("GET", ts.URL+"/late-panic", nil)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err == nil {
+			t.Fatal("a response cut short by a panic read as complete")
+		}
+	}
+	logs := e.logs.String()
+	for _, want := range []string{"handler panicked", "secret boom", "boom behind auth", "boom mid-body", "TestHandlerPanic"} {
+		if !strings.Contains(logs, want) {
+			t.Fatalf("the log lacks %q:\n%s", want, logs)
+		}
+	}
+	// The real server is unharmed.
+	e.do("GET", "/health", "", nil).ok(t, http.StatusOK, nil)
 }

@@ -16,8 +16,10 @@ package gateway
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -215,13 +217,36 @@ func (s *Server) routes() {
 // metrics.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.metrics.instrument(s.mux, w, r) }
 
-// handle adapts h, writing its error as the envelope.
+// handle adapts h, writing its error as the envelope. A panic in h is
+// recovered (see recoverPanic), so it never resets the connection
+// without an answer.
 func (s *Server) handle(h handlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if err := h(w, r); err != nil {
-			writeError(w, r, s.log, err)
+		sw := &statusWriter{ResponseWriter: w}
+		defer s.recoverPanic(sw, r)
+		if err := h(sw, r); err != nil {
+			writeError(sw, r, s.log, err)
 		}
 	})
+}
+
+// recoverPanic turns a handler's panic into a logged 500 internal_error
+// envelope when nothing was written yet. Once the response has begun it
+// is aborted instead (http.ErrAbortHandler): a half-written body must not
+// look complete. An http.ErrAbortHandler panic passes through as is.
+func (s *Server) recoverPanic(w *statusWriter, r *http.Request) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	if v == http.ErrAbortHandler {
+		panic(v)
+	}
+	s.log.Error("handler panicked", "method", r.Method, "path", r.URL.Path, "panic", v, "stack", string(debug.Stack()))
+	if w.status != 0 {
+		panic(http.ErrAbortHandler)
+	}
+	writeError(w, r, s.log, internal(fmt.Errorf("handler panicked: %v", v)))
 }
 
 // limitBody caps r's body, so no handler can be made to read more.
