@@ -1,16 +1,20 @@
-// Command gateway is the gateway's load benchmark (not a test): an
-// in-process gateway in mock mode (bundles as host processes under the
-// real agent) on 127.0.0.1, driven over HTTP. It prints
+// Command gateway is the gateway's load benchmark (not a test): it builds
+// the real dimension-server, starts it as a separate process in mock mode
+// (bundles as host processes under the real agent) on a free 127.0.0.1
+// port with its own data dir, pushes a bundle to it and drives it over
+// HTTP. It prints
 //
 //   - runs per second (sync POST /run at a fixed concurrency),
 //   - p50/p99 from POST /run (async) to the first SSE event,
 //   - SSE events per second delivered to S concurrent subscribers of one run,
-//   - the process RSS with R concurrent runs and S subscribers,
+//   - the gateway process's RSS (from /proc/<pid>/status, so the bench's
+//     clients are not counted) with R concurrent runs and S subscribers.
 //
-// each next to a baseline measured in the same run without HTTP (the
-// runner and the event log called directly), so the ratio is the
-// gateway's own cost on this machine. Every phase is bounded in count and
-// by -timeout.
+// The first three are each next to a baseline measured in the same run
+// without HTTP (a runner and an event log of the same kinds called
+// directly in the bench process), so the ratio is the gateway's own cost
+// on this machine; the RSS is next to the gateway's own RSS before the
+// load. Every phase is bounded in count and by -timeout.
 //
 //	go run ./bench/gateway [-runs 200] [-concurrency 8] [-latency-runs 100]
 //	    [-subscribers 100] [-events 2000] [-concurrent-runs 200] [-timeout 10m]
@@ -25,21 +29,18 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/hyphae-run/hyphae/dimension/events"
-	"github.com/hyphae-run/hyphae/dimension/gateway"
 	"github.com/hyphae-run/hyphae/dimension/runner"
 	"github.com/hyphae-run/hyphae/dimension/sse"
 	"github.com/hyphae-run/hyphae/dimension/store"
@@ -72,12 +73,14 @@ func main() {
 	}
 }
 
-// bench is the gateway under load and what the baselines use directly.
+// bench is the gateway under load (a separate process, reached at url
+// with the bearer token key) and what the baselines use directly.
 type bench struct {
 	f      flags
+	gw     *gatewayProc
 	url    string
 	key    string
-	owner  string
+	owner  string // of the baselines' invocations
 	bundle store.Bundle
 	image  string
 	st     store.Store
@@ -95,7 +98,7 @@ func run(ctx context.Context, f flags) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("gateway load benchmark (mock mode, %d CPUs, %s)\n\n", runtime.NumCPU(), runtime.Version())
+	fmt.Printf("gateway load benchmark (dimension-server pid %d, mock mode, %d CPUs, %s)\n\n", b.gw.cmd.Process.Pid, runtime.NumCPU(), runtime.Version())
 
 	base, gw, err := b.throughput(ctx)
 	if err != nil {
@@ -118,17 +121,18 @@ func run(ctx context.Context, f flags) error {
 	fmt.Printf("SSE events/s to %d subscribers of one run (%d events): gateway %9.0f   log subscriptions %9.0f   ratio %.2f\n",
 		f.subscribers, f.events, gf, bf, gf/bf)
 
-	idle, loaded, peak, err := b.memory(ctx)
+	before, loaded, peak, err := b.memory(ctx)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("RSS (gateway and bench client, one process): idle %s   with %d runs + %d SSE subscribers %s   peak %s   (aim: under 200 MB)\n",
-		mib(idle), f.concurrentRuns, f.subscribers, mib(loaded), mib(peak))
+	fmt.Printf("gateway process RSS (pid %d, VmRSS/VmHWM): before %s   with %d runs + %d SSE subscribers %s (peak %s)   ratio %.2f   (aim: under 200 MB)\n",
+		b.gw.cmd.Process.Pid, mib(before), f.concurrentRuns, f.subscribers, mib(loaded), mib(peak), float64(loaded)/float64(before))
 	return nil
 }
 
-// setup builds the guest binaries and the behaviour bundle, imports it,
-// and starts the gateway on its own store, event log and mock runner.
+// setup builds the guest binaries, the behaviour bundle and
+// dimension-server; imports the bundle into the baselines' registry and
+// store; starts the gateway process and pushes the bundle's image to it.
 func setup(ctx context.Context, f flags) (*bench, func(), error) {
 	tmp, err := os.MkdirTemp("", "bench-gateway-")
 	if err != nil {
@@ -150,6 +154,7 @@ func setup(ctx context.Context, f flags) (*bench, func(), error) {
 		{filepath.Join(libexec, "hyphae-init"), "./cmd/hyphae-init"},
 		{filepath.Join(libexec, "dimension-agent"), "./cmd/dimension-agent"},
 		{filepath.Join(tmp, "bundle"), "./dimension/gateway/testdata/bundle"},
+		{filepath.Join(tmp, "bin", "dimension-server"), "./cmd/dimension-server"},
 	} {
 		cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", p[0], p[1])
 		cmd.Dir, cmd.Env = root, append(os.Environ(), "CGO_ENABLED=0")
@@ -165,8 +170,8 @@ func setup(ctx context.Context, f flags) (*bench, func(), error) {
 		return nil, cleanup, err
 	}
 	closers = append(closers, func() { st.Close() })
-	key, _, err := st.EnsureBootstrapAdmin(ctx)
-	if err != nil {
+	// The baselines' invocations need an owner.
+	if _, _, err := st.EnsureBootstrapAdmin(ctx); err != nil {
 		return nil, cleanup, err
 	}
 	owner, err := st.GetUserByName(ctx, store.BootstrapAdminName)
@@ -207,29 +212,26 @@ func setup(ctx context.Context, f flags) (*bench, func(), error) {
 		defer cancel()
 		rn.Drain(dctx)
 	})
-	srv, err := gateway.New(gateway.Options{
-		Store: st, Events: evlog, Runner: rn, Images: reg, WorkerID: "bench", MaxConcurrent: permits,
-		UploadDir: tmp, Version: "bench", Logger: quiet,
-	})
+	gw, err := startGateway(ctx, filepath.Join(tmp, "bin", "dimension-server"), filepath.Join(tmp, "gateway"), libexec, permits)
 	if err != nil {
 		return nil, cleanup, err
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, cleanup, err
-	}
-	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
-	go hs.Serve(ln)
-	closers = append(closers, func() { hs.Close() })
+	closers = append(closers, gw.stop)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 512, MaxConnsPerHost: 0}}
 	b := &bench{
-		f: f, url: "http://" + ln.Addr().String(), key: key, owner: owner.ID, bundle: bundle,
+		f: f, gw: gw, url: gw.url, key: gw.token, owner: owner.ID, bundle: bundle,
 		image: reg.ImagePath(res.Digest), st: st, log: evlog, run: rn, client: client, tmp: tmp,
 	}
-	// One warm-up run unpacks the image for the mock backend, so no
-	// phase pays for it.
+	if err := b.pushBundle(ctx, "bundle", b.image); err != nil {
+		return nil, cleanup, err
+	}
+	// One warm-up run on each side unpacks the image for its mock
+	// backend, so no phase pays for it.
 	if _, err := b.postRun(ctx, "sync", map[string]any{"mode": "exit"}); err != nil {
 		return nil, cleanup, fmt.Errorf("warm-up run: %w", err)
+	}
+	if _, out, err := b.directRun(ctx, `{"mode":"exit"}`); err != nil || out.Status != runner.StatusCompleted {
+		return nil, cleanup, fmt.Errorf("direct warm-up run: %v %s %v", err, out.Status, out.Err)
 	}
 	return b, cleanup, nil
 }
@@ -302,18 +304,42 @@ func nextEvent(rd *sse.Reader) (sse.Frame, error) {
 // directRun runs the bundle through the runner alone, as the gateway
 // would, without HTTP.
 func (b *bench) directRun(ctx context.Context, payload string) (string, runner.Outcome, error) {
+	id, err := b.createInvocation(ctx, store.ModeSync)
+	if err != nil {
+		return "", runner.Outcome{}, err
+	}
 	p, err := b.run.Acquire()
 	if err != nil {
 		return "", runner.Outcome{}, err
 	}
-	inv, err := b.st.CreateInvocation(ctx, store.Invocation{Owner: b.owner, BundleID: b.bundle.ID, BundleRef: b.bundle.Ref(), Mode: store.ModeSync, WorkerID: "bench"})
+	return id, b.run.Run(ctx, p, b.directRequest(id, payload)), nil
+}
+
+// createInvocation records a baseline run in the bench's own store, as
+// POST /run does in the gateway's.
+func (b *bench) createInvocation(ctx context.Context, mode store.Mode) (string, error) {
+	inv, err := b.st.CreateInvocation(ctx, store.Invocation{Owner: b.owner, BundleID: b.bundle.ID, BundleRef: b.bundle.Ref(), Mode: mode, WorkerID: "bench"})
+	return inv.ID, err
+}
+
+func (b *bench) directRequest(id, payload string) runner.Request {
+	return runner.Request{RunID: id, UserID: b.owner, BundleID: b.bundle.ID, BundleRef: b.bundle.Ref(),
+		ImagePath: b.image, Payload: json.RawMessage(payload)}
+}
+
+// startDirect starts invocation id on the bench's runner in the
+// background, as an async POST /run does; done closes when it has ended.
+func (b *bench) startDirect(ctx context.Context, id, payload string) (done <-chan struct{}, err error) {
+	p, err := b.run.Acquire()
 	if err != nil {
-		p.Release()
-		return "", runner.Outcome{}, err
+		return nil, err
 	}
-	out := b.run.Run(ctx, p, runner.Request{RunID: inv.ID, UserID: b.owner, BundleID: b.bundle.ID, BundleRef: b.bundle.Ref(),
-		ImagePath: b.image, Payload: json.RawMessage(payload)})
-	return inv.ID, out, nil
+	ch := make(chan struct{})
+	go func() {
+		defer close(ch)
+		b.run.Run(context.WithoutCancel(ctx), p, b.directRequest(id, payload))
+	}()
+	return ch, nil
 }
 
 // parallel runs fn n times, c at a time, and returns the elapsed time.
@@ -385,22 +411,16 @@ func (b *bench) firstEventLatency(ctx context.Context) (base, gw []time.Duration
 		resp.Body.Close()
 	}
 	for range b.f.latencyRuns {
-		inv, err := b.st.CreateInvocation(ctx, store.Invocation{Owner: b.owner, BundleID: b.bundle.ID, BundleRef: b.bundle.Ref(), Mode: store.ModeAsync, WorkerID: "bench"})
+		id, err := b.createInvocation(ctx, store.ModeAsync)
 		if err != nil {
 			return nil, nil, err
 		}
 		t0 := time.Now()
-		p, err := b.run.Acquire()
+		done, err := b.startDirect(ctx, id, `{"mode":"exit"}`)
 		if err != nil {
 			return nil, nil, err
 		}
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			b.run.Run(context.WithoutCancel(ctx), p, runner.Request{RunID: inv.ID, UserID: b.owner, BundleID: b.bundle.ID,
-				BundleRef: b.bundle.Ref(), ImagePath: b.image, Payload: json.RawMessage(`{"mode":"exit"}`)})
-		}()
-		sub, err := b.log.Subscribe(ctx, inv.ID, 0)
+		sub, err := b.log.Subscribe(ctx, id, 0)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -419,7 +439,10 @@ func (b *bench) firstEventLatency(ctx context.Context) (base, gw []time.Duration
 // f.events events; the figure is events delivered (summed over readers)
 // per second from the gate's release until the last reader got completed.
 func (b *bench) fanOut(ctx context.Context) (base, gw float64, err error) {
-	gwRate, err := b.fanOutOnce(ctx, "http", func(ctx context.Context, id string, live chan<- struct{}) (int, error) {
+	viaHTTP := func(ctx context.Context, payload map[string]any) (string, error) {
+		return b.postRun(ctx, "async", payload)
+	}
+	gwRate, err := b.fanOutOnce(ctx, "http", viaHTTP, func(ctx context.Context, id string, live chan<- struct{}) (int, error) {
 		resp, rd, err := b.openEvents(ctx, id)
 		if err != nil {
 			return 0, err
@@ -443,7 +466,19 @@ func (b *bench) fanOut(ctx context.Context) (base, gw float64, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	baseRate, err := b.fanOutOnce(ctx, "log", func(ctx context.Context, id string, live chan<- struct{}) (int, error) {
+	// The baseline's run goes through the bench's runner and event log,
+	// which are not the gateway's.
+	var done <-chan struct{}
+	direct := func(ctx context.Context, payload map[string]any) (string, error) {
+		id, err := b.createInvocation(ctx, store.ModeAsync)
+		if err != nil {
+			return "", err
+		}
+		body, _ := json.Marshal(payload)
+		done, err = b.startDirect(ctx, id, string(body))
+		return id, err
+	}
+	baseRate, err := b.fanOutOnce(ctx, "log", direct, func(ctx context.Context, id string, live chan<- struct{}) (int, error) {
 		sub, err := b.log.Subscribe(ctx, id, 0)
 		if err != nil {
 			return 0, err
@@ -458,12 +493,18 @@ func (b *bench) fanOut(ctx context.Context) (base, gw float64, err error) {
 		}
 		return n, sub.Err()
 	})
+	if done != nil {
+		<-done
+	}
 	return baseRate, gwRate, err
 }
 
-func (b *bench) fanOutOnce(ctx context.Context, name string, read func(context.Context, string, chan<- struct{}) (int, error)) (float64, error) {
+func (b *bench) fanOutOnce(ctx context.Context, name string,
+	start func(context.Context, map[string]any) (string, error),
+	read func(context.Context, string, chan<- struct{}) (int, error),
+) (float64, error) {
 	gate := filepath.Join(b.tmp, "gate-"+name)
-	id, err := b.postRun(ctx, "async", map[string]any{"mode": "gate", "gate": gate, "n": b.f.events})
+	id, err := start(ctx, map[string]any{"mode": "gate", "gate": gate, "n": b.f.events})
 	if err != nil {
 		return 0, err
 	}
@@ -510,10 +551,14 @@ func (b *bench) fanOutOnce(ctx context.Context, name string, read func(context.C
 }
 
 // memory holds f.concurrentRuns sleeping runs in progress with
-// f.subscribers SSE readers on them, and samples the RSS; then stops them.
-func (b *bench) memory(ctx context.Context) (idle, loaded, peak int64, err error) {
-	runtime.GC()
-	if idle, _, err = rss(); err != nil {
+// f.subscribers SSE readers on them, and samples the gateway process's
+// RSS before, and then with them all in flight (peak: since before); then
+// stops them.
+func (b *bench) memory(ctx context.Context) (before, loaded, peak int64, err error) {
+	if err := b.gw.resetPeak(); err != nil {
+		return 0, 0, 0, err
+	}
+	if before, _, err = b.gw.rss(); err != nil {
 		return 0, 0, 0, err
 	}
 	ids := make([]string, 0, b.f.concurrentRuns)
@@ -561,8 +606,8 @@ func (b *bench) memory(ctx context.Context) (idle, loaded, peak int64, err error
 	// Every run, subscribed or not, is in progress once its row says so.
 	for _, id := range ids {
 		for {
-			inv, err := b.st.GetInvocation(ctx, b.owner, id)
-			if err != nil {
+			var inv store.Invocation
+			if err := b.getJSON(ctx, "/invocations/"+id, &inv); err != nil {
 				return 0, 0, 0, err
 			}
 			if inv.Status == store.StatusRunning {
@@ -578,10 +623,10 @@ func (b *bench) memory(ctx context.Context) (idle, loaded, peak int64, err error
 			}
 		}
 	}
-	if n := b.run.Running(); n != len(ids) {
-		return 0, 0, 0, fmt.Errorf("%d runs in progress, want %d", n, len(ids))
+	if n, err := b.runningVMs(ctx); err != nil || n != len(ids) {
+		return 0, 0, 0, fmt.Errorf("gateway reports %d runs in progress (%v), want %d", n, err, len(ids))
 	}
-	if loaded, peak, err = rss(); err != nil {
+	if loaded, peak, err = b.gw.rss(); err != nil {
 		return 0, 0, 0, err
 	}
 	for _, id := range ids {
@@ -594,33 +639,7 @@ func (b *bench) memory(ctx context.Context) (idle, loaded, peak int64, err error
 		resp.Body.Close()
 	}
 	wg.Wait()
-	return idle, loaded, peak, nil
-}
-
-// rss returns this process's resident set (VmRSS) and its peak (VmHWM).
-func rss() (cur, peak int64, err error) {
-	data, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		fields := strings.Fields(v)
-		if len(fields) == 0 {
-			continue
-		}
-		n, _ := strconv.ParseInt(fields[0], 10, 64)
-		switch k {
-		case "VmRSS":
-			cur = n << 10
-		case "VmHWM":
-			peak = n << 10
-		}
-	}
-	return cur, peak, nil
+	return before, loaded, peak, nil
 }
 
 func pct(ds []time.Duration, p int) time.Duration {
