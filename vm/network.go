@@ -232,7 +232,10 @@ const (
 	kernelConfigsDir = "kernel-configs"
 )
 
-func (rt *Runtime) kernelConfigsDir() string { return filepath.Join(rt.reg.KernelsDir(), kernelConfigsDir) }
+// kernelConfigsDir is where keepConfig copies kernels' configs.
+func (rt *Runtime) kernelConfigsDir() string {
+	return filepath.Join(rt.reg.KernelsDir(), kernelConfigsDir)
+}
 
 // kernelSearch returns the directories where the qemu driver looks for
 // the files of the kernel at kernelPath that the registry keeps apart from
