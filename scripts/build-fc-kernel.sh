@@ -13,7 +13,7 @@
 #   DIR/vmlinux-fc-<version>-<key>   the ELF vmlinux
 #   DIR/config-fc-<version>-<key>    its .config
 #   DIR/vmlinux-fc                   symlink to the newest build
-# A second run with the same inputs builds nothing. About 13 minutes on 2
+# Older builds are removed. A second run with the same inputs builds nothing. About 13 minutes on 2
 # cores when it does build. Progress goes to stderr; stdout is only the path.
 set -euo pipefail
 
@@ -55,6 +55,13 @@ build() {
     mv "$tree/vmlinux" "$target"
   fi
   ln -sfn "vmlinux-$name" "$dir/vmlinux-fc"
+  # Builds from older sources or configs (45 MB each) are not kept.
+  for old in "$dir"/vmlinux-fc-* "$dir"/config-fc-*; do
+    case "$old" in
+      "$target" | "$dir/config-$name") ;;
+      *) [ -e "$old" ] && rm -f "$old" ;;
+    esac
+  done
 }
 # Progress and the tools' output go to stderr; stdout is only the path.
 build >&2
