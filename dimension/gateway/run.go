@@ -82,6 +82,11 @@ func Run(ctx context.Context, cfg Config, o RunOptions) error {
 				"creating the data directory %s", d)
 		}
 	}
+	unlock, err := lockDataDir(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	st, err := openStore(ctx, cfg, log)
 	if err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"github.com/hyphae-run/hyphae/dimension/runner"
 	"github.com/hyphae-run/hyphae/dimension/store"
 	"github.com/hyphae-run/hyphae/dimension/store/sqlite"
+	"github.com/hyphae-run/hyphae/errcode"
 	"github.com/hyphae-run/hyphae/registry"
 )
 
@@ -257,4 +259,24 @@ func TestRunEventRetention(t *testing.T) {
 			t.Fatalf("the gateway log lacks %q:\n%s", want, logs)
 		}
 	}
+}
+
+// A second gateway on a data dir in use is refused before it reaps
+// anything (it would take the first one's live runs for a dead
+// predecessor's); once the first has stopped, the dir is free again.
+func TestRunRefusesABusyDataDir(t *testing.T) {
+	cfg := testConfig(t.TempDir())
+	first := startProcess(t, cfg)
+	log, _ := testLogger(t)
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	err := Run(ctx, cfg, RunOptions{Logger: log, Stderr: &lockedBuffer{}, Ready: func(net.Addr) { t.Error("the second gateway served") }})
+	if !errcode.HasCode(err, errcode.InUse) || !strings.Contains(err.Error(), strconv.Itoa(os.Getpid())) {
+		t.Fatalf("second Run on the same data dir: %v, want %s naming the holder's pid", err, errcode.InUse)
+	}
+	if r := first.do(http.MethodGet, "/health", "", nil); r.status != http.StatusOK || !strings.Contains(string(r.body), `"ok"`) {
+		t.Errorf("first gateway's health after the refused start: %d %s", r.status, r.body)
+	}
+	first.stop(t)
+	startProcess(t, cfg)
 }
