@@ -207,28 +207,14 @@ type owner struct {
 	Jail *JailDetails `json:"jail,omitempty"`
 }
 
-func writeOwner(dir string, o owner) error {
-	b, err := json.Marshal(o)
-	if err != nil {
-		return errcode.Wrap(errcode.SpawnFailed, err, "encode owner file")
-	}
-	tmp := filepath.Join(dir, ownerFile+".new")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return errcode.Wrap(errcode.SpawnFailed, err, "write owner file")
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, ownerFile)); err != nil {
-		return errcode.Wrap(errcode.SpawnFailed, err, "write owner file")
-	}
-	return nil
-}
+func writeOwner(dir string, o owner) error { return vmmproc.WriteOwnerFile(dir, ownerFile, o) }
 
+// readOwner reads dir's owner file through vmmproc.ReadOwnerFile, which
+// refuses symlinks and other users' files: the runtime root may be a
+// shared /tmp.
 func readOwner(dir string) (owner, bool) {
-	b, err := os.ReadFile(filepath.Join(dir, ownerFile))
-	if err != nil {
-		return owner{}, false
-	}
 	var o owner
-	if json.Unmarshal(b, &o) != nil || o.ID == "" {
+	if err := vmmproc.ReadOwnerFile(dir, ownerFile, &o); err != nil || o.ID == "" {
 		return owner{}, false
 	}
 	return o, true
