@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/hyphae-run/hyphae/errcode"
 )
 
@@ -93,6 +95,15 @@ func ReadOwnerFile(dir, name string, v any) error {
 func KillVerified(id Identity, wait time.Duration, logger *slog.Logger) (bool, error) {
 	p, err := Attach(id, logger)
 	if err != nil {
+		// Gone (ESRCH), no process at all (EINVAL: a zero or negative
+		// PID) or another program now (no errno: the identity check) is
+		// "not killed". Any other failure to open a pidfd (EMFILE,
+		// ENOMEM) says nothing about the process: report it, so that
+		// callers keep the record for a later try.
+		var errno unix.Errno
+		if errors.As(err, &errno) && errno != unix.ESRCH && errno != unix.EINVAL {
+			return false, err
+		}
 		return false, nil
 	}
 	defer p.Release()
