@@ -27,7 +27,8 @@ type vmOwner struct {
 	ID string `json:"id"`
 	// Run is the run the VM served, for the sweep's log.
 	Run string `json:"run"`
-	// VMM is the VMM process once spawned (zero before).
+	// VMM is the VMM process once spawned; before, only its Binary is
+	// set, so that a sweep can still find it by its command line.
 	VMM vmmproc.Identity `json:"vmm"`
 }
 
@@ -93,6 +94,7 @@ func (b *VMBackend) ReapOrphanVMs(ctx context.Context) ([]string, error) {
 		return removed, errcode.Wrap(errcode.StopFailed, err, "read runtime dir %s", root)
 	}
 	var errs []error
+dirs:
 	for _, e := range entries {
 		if err := ctx.Err(); err != nil {
 			errs = append(errs, errcode.Wrap(errcode.Timeout, err, "sweeping orphaned vms"))
@@ -107,17 +109,26 @@ func (b *VMBackend) ReapOrphanVMs(ctx context.Context) ([]string, error) {
 			continue // not one of ours
 		}
 		log := b.log.With("dir", dir, "vm", o.ID, "run", o.Run)
-		if o.VMM.PID != 0 {
-			killed, err := vmmproc.KillVerified(o.VMM, orphanKillWait, b.log)
+		vmms := []vmmproc.Identity{o.VMM}
+		if o.VMM.PID == 0 && o.VMM.Binary != "" {
+			// Its starter died before recording the PID: a VMM of that
+			// binary whose command line names this dir is that VM's.
+			vmms = vmmproc.FindByArg(o.VMM.Binary, dir+string(filepath.Separator))
+		}
+		for _, vmm := range vmms {
+			if vmm.PID == 0 {
+				continue
+			}
+			killed, err := vmmproc.KillVerified(vmm, orphanKillWait, b.log)
 			if err != nil {
 				// The directory stays, so that a later sweep tries again.
 				errs = append(errs, errcode.Wrap(errcode.StopFailed, err, "orphaned vm %s", o.ID))
-				continue
+				continue dirs
 			}
 			if killed {
-				log.Info("killed the vmm of an orphaned vm", "pid", o.VMM.PID, "binary", o.VMM.Binary)
+				log.Info("killed the vmm of an orphaned vm", "pid", vmm.PID, "binary", vmm.Binary)
 			} else {
-				log.Info("the vmm of an orphaned vm is gone (or its pid is another program's now)", "pid", o.VMM.PID)
+				log.Info("the vmm of an orphaned vm is gone (or its pid is another program's now)", "pid", vmm.PID)
 			}
 		}
 		if err := vmmproc.RemoveDir(dir); err != nil {

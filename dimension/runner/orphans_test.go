@@ -22,7 +22,13 @@ import (
 // identity; cleanup kills it if it is still that process.
 func orphanProcess(t *testing.T) vmmproc.Identity {
 	t.Helper()
-	out, err := exec.Command("sh", "-c", "sleep 300 </dev/null >/dev/null 2>&1 & echo $!").Output()
+	return orphanCommand(t, "sleep 300")
+}
+
+// orphanCommand is orphanProcess for the shell command cmd.
+func orphanCommand(t *testing.T, cmd string) vmmproc.Identity {
+	t.Helper()
+	out, err := exec.Command("sh", "-c", cmd+" </dev/null >/dev/null 2>&1 & echo $!").Output()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,6 +116,20 @@ func TestReapOrphanVMs(t *testing.T) {
 	wrongTicks.StartTicks--
 	add("own, pid now a later process", "run-reused-ticks", ownerFile, vmOwner{Gateway: me, ID: "run-reused-ticks", VMM: wrongTicks}, reusedTicks, true, false)
 
+	// Died between spawning its VMM and recording its identity: only the
+	// binary is on record, and the VMM is found by its command line naming
+	// the dir (tail stands in: its argument is a file in the dir). A tail
+	// of a file elsewhere is not touched.
+	spawnDir := filepath.Join(root, "run-spawning")
+	add("own, vmm spawned but not recorded", "run-spawning", ownerFile, vmOwner{Gateway: me, ID: "run-spawning", VMM: vmmproc.Identity{Binary: "tail"}}, vmmproc.Identity{}, true, false)
+	spawned := orphanCommand(t, "tail -f "+filepath.Join(spawnDir, "console.log"))
+	cases[len(cases)-1].proc, cases[len(cases)-1].killed = spawned, true
+	elsewhere := filepath.Join(t.TempDir(), "console.log")
+	if err := os.WriteFile(elsewhere, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bystander := orphanCommand(t, "tail -f "+elsewhere)
+
 	others := orphanProcess(t)
 	add("another gateway's", "run-other", ownerFile, vmOwner{Gateway: other, ID: "run-other", VMM: others}, others, false, false)
 	hyphaes := orphanProcess(t)
@@ -162,6 +182,9 @@ func TestReapOrphanVMs(t *testing.T) {
 	}
 	if !exists(filepath.Join(root, "run-file")) {
 		t.Error("a plain file in the runtime root was removed")
+	}
+	if !bystander.Alive() {
+		t.Error("a process whose command line names no swept dir was killed")
 	}
 
 	again, err := b.ReapOrphanVMs(t.Context())

@@ -170,10 +170,10 @@ func (b *VMBackend) Start(ctx context.Context, req BootRequest) (Session, error)
 	}
 	// Marked before the VMM exists, so that a gateway dying during the
 	// boot leaves a dir its successor removes; the VMM's identity is added
-	// as soon as Start returns (QEMU's QMP, Firecracker's API is up), well
-	// before the guest is. Only a death inside that short spawn window
-	// leaves a VMM the sweep cannot name.
-	own := vmOwner{ID: id, Run: req.RunID}
+	// once Start returns (QEMU's QMP, Firecracker's API is up). A death
+	// before that leaves only the VMM's binary on record, and the sweep
+	// finds the VMM by its command line, which names this dir.
+	own := vmOwner{ID: id, Run: req.RunID, VMM: vmmproc.Identity{Binary: filepath.Base(b.choice.Binary)}}
 	if err := b.markOwned(dir, own); err != nil {
 		return fail(err)
 	}

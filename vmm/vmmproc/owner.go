@@ -52,11 +52,10 @@ func ReadOwnerFile(dir, name string, v any) error {
 		if err != nil {
 			return err
 		}
-		sys, ok := st.Sys().(*syscall.Stat_t)
 		switch {
 		case wantDir && !st.IsDir(), !wantDir && !st.Mode().IsRegular():
 			return errors.New("not a plain directory or file")
-		case !ok || int(sys.Uid) != uid:
+		case !ownedBy(st, uid):
 			return errors.New("owned by another user")
 		}
 		return nil
@@ -84,6 +83,12 @@ func ReadOwnerFile(dir, name string, v any) error {
 		return errcode.Wrap(errcode.NotFound, err, "owner file %s", path)
 	}
 	return nil
+}
+
+// ownedBy reports whether the file st describes belongs to uid.
+func ownedBy(st os.FileInfo, uid int) bool {
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	return ok && int(sys.Uid) == uid
 }
 
 // KillVerified SIGKILLs the process id names when, and only when, it is

@@ -81,3 +81,36 @@ func runsBinary(pid int, binary string) bool {
 	argv0, _, _ := bytes.Cut(cmdline, []byte{0})
 	return len(argv0) > 0 && filepath.Base(string(argv0)) == want
 }
+
+// FindByArg returns the processes of this user that run binary (compared
+// as in IsSame) with an argument containing sub, e.g. a VMM whose command
+// line names a file in a given runtime directory. It is how an orphan
+// sweep finds a VMM whose identity was never recorded (its starter died
+// between spawning it and writing the record).
+func FindByArg(binary, sub string) []Identity {
+	var found []Identity
+	entries, err := os.ReadDir("/proc")
+	if err != nil || sub == "" {
+		return nil
+	}
+	uid := os.Geteuid()
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if st, err := os.Stat(filepath.Join("/proc", e.Name())); err != nil || !ownedBy(st, uid) {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(cmdline, []byte(sub)) || !runsBinary(pid, binary) {
+			continue
+		}
+		ticks, err := StartTicks(pid)
+		if err != nil {
+			continue
+		}
+		found = append(found, Identity{PID: pid, StartTicks: ticks, Binary: filepath.Base(binary)})
+	}
+	return found
+}
