@@ -181,7 +181,10 @@ func Open(ctx context.Context, opts Options) (*Log, error) {
 			"creating stream %s on NATS %s", StreamName, l.where())
 	}
 	l.root, l.cancelRoot = context.WithCancel(context.Background())
-	l.log.Info("event log open", "nats", l.where(), "stream", StreamName, "max_age", opts.MaxAge, "max_bytes", opts.MaxBytes)
+	// The limits as the server holds them (CreateOrUpdateStream answers
+	// with the stream's stored config), not as they were asked for.
+	held := l.stream.CachedInfo().Config
+	l.log.Info("event log open", "nats", l.where(), "stream", StreamName, "max_age", held.MaxAge, "max_bytes", held.MaxBytes)
 	return l, nil
 }
 

@@ -175,6 +175,12 @@ func ParseConfig(args []string, getenv func(string) string, out io.Writer) (Conf
 	return c, c.Validate()
 }
 
+// Floors of the event log's retention (see Validate).
+const (
+	retentionMargin = time.Minute
+	minEventBytes   = 64 << 20
+)
+
 // Validate checks the configuration's values.
 func (c Config) Validate() error {
 	bad := func(format string, args ...any) error {
@@ -193,10 +199,14 @@ func (c Config) Validate() error {
 		return bad("boot timeout %s is over the maximum %s", c.BootTimeout, c.MaxBootTimeout)
 	case c.ProcessingTimeout > c.MaxProcessingTimeout:
 		return bad("processing timeout %s is over the maximum %s", c.ProcessingTimeout, c.MaxProcessingTimeout)
-	case c.EventRetention <= 0:
-		return bad("event retention %s must be positive", c.EventRetention)
-	case c.EventMaxBytes <= 0 && c.EventMaxBytes != -1:
-		return bad("event log max bytes %d must be positive, or -1 for unlimited", c.EventMaxBytes)
+	case c.EventRetention < c.MaxBootTimeout+c.MaxProcessingTimeout+retentionMargin:
+		// A run whose last event aged out could append no more (each
+		// append expects its run's last sequence), so history must
+		// outlive the longest run.
+		return bad("event retention %s must outlast the longest run: at least the maximum boot and processing timeouts plus %s (%s)",
+			c.EventRetention, retentionMargin, c.MaxBootTimeout+c.MaxProcessingTimeout+retentionMargin)
+	case c.EventMaxBytes < minEventBytes && c.EventMaxBytes != -1:
+		return bad("event log max bytes %d must be at least %d (64 MiB), or -1 for unlimited", c.EventMaxBytes, minEventBytes)
 	case c.MaxUploadBytes <= 0 || c.MaxBodyBytes <= 0:
 		return bad("body limits must be positive")
 	case c.DataDir == "":

@@ -35,14 +35,14 @@ func TestParseConfig(t *testing.T) {
 			"DIMENSION_BOOT_TIMEOUT_SECS": "10", "DIMENSION_PROCESSING_TIMEOUT_SECS": "20",
 			"DIMENSION_MAX_BOOT_TIMEOUT_SECS": "11", "DIMENSION_MAX_PROCESSING_TIMEOUT_SECS": "21",
 			"DIMENSION_MAX_UPLOAD_BYTES": "100", "DIMENSION_MAX_BODY_BYTES": "50", "DIMENSION_WORKER_ID": "w1",
-			"DIMENSION_METRICS_PUBLIC": "true", "DIMENSION_EVENT_RETENTION": "36h", "DIMENSION_EVENT_MAX_BYTES": "1000",
+			"DIMENSION_METRICS_PUBLIC": "true", "DIMENSION_EVENT_RETENTION": "36h", "DIMENSION_EVENT_MAX_BYTES": "100000000",
 		}, nil, func(c Config) bool {
 			return c.Addr() == "127.0.0.1:8080" && c.MaxConcurrent == 5 && c.Mock && c.DrainTimeout == 7*time.Second &&
 				c.KernelPath == "/k" && c.DataDir == "/d" && c.NATSURL == "nats://n:4222" && c.DatabaseURL == "postgres://db/x" &&
 				c.Token == "tok" && c.BootTimeout == 10*time.Second && c.ProcessingTimeout == 20*time.Second &&
 				c.MaxBootTimeout == 11*time.Second && c.MaxProcessingTimeout == 21*time.Second &&
 				c.MaxUploadBytes == 100 && c.MaxBodyBytes == 50 && c.WorkerID == "w1" && c.MetricsPublic &&
-				c.EventRetention == 36*time.Hour && c.EventMaxBytes == 1000
+				c.EventRetention == 36*time.Hour && c.EventMaxBytes == 100000000
 		}, ""},
 		{"event log flags over env", map[string]string{"DIMENSION_EVENT_RETENTION": "36h"},
 			[]string{"--event-retention", "90m", "--event-max-bytes=-1"}, func(c Config) bool {
@@ -66,6 +66,9 @@ func TestParseConfig(t *testing.T) {
 		{"bad retention", map[string]string{"DIMENSION_EVENT_RETENTION": "7 days"}, nil, nil, "DIMENSION_EVENT_RETENTION"},
 		{"zero retention", nil, []string{"--event-retention", "0s"}, nil, "event retention"},
 		{"zero event bytes", map[string]string{"DIMENSION_EVENT_MAX_BYTES": "0"}, nil, nil, "event log max bytes"},
+		{"tiny event log", map[string]string{"DIMENSION_EVENT_MAX_BYTES": "1000"}, nil, nil, "event log max bytes"},
+		// Shorter than the longest run (60 s boot + 600 s processing).
+		{"retention under a run", nil, []string{"--event-retention", "10m"}, nil, "must outlast the longest run"},
 		{"port range", nil, []string{"--port", "70000"}, nil, "port"},
 		{"zero permits", nil, []string{"--max-concurrent", "0"}, nil, "max concurrent"},
 		{"default over max", map[string]string{"DIMENSION_BOOT_TIMEOUT_SECS": "90"}, nil, nil, "boot timeout"},

@@ -247,7 +247,7 @@ func TestRunGracefulShutdown(t *testing.T) {
 }
 
 // The event log's retention settings reach the stream: the log reports
-// the limits it opened the stream with.
+// the limits the NATS server holds for it.
 func TestRunEventRetention(t *testing.T) {
 	cfg := testConfig(t.TempDir())
 	cfg.EventRetention, cfg.EventMaxBytes = 36*time.Hour, 64<<20
