@@ -210,7 +210,14 @@ var httpMethods = map[string]bool{
 func (m *Metrics) instrument(h http.Handler, w http.ResponseWriter, r *http.Request) {
 	began := time.Now()
 	sw := &statusWriter{ResponseWriter: w}
+	// Deferred, so that a request aborted by a panic (http.ErrAbortHandler
+	// travels up through here) is counted too.
+	defer m.count(sw, r, began)
 	h.ServeHTTP(sw, r)
+}
+
+// count records one answered request.
+func (m *Metrics) count(sw *statusWriter, r *http.Request, began time.Time) {
 	// The mux sets r.Pattern on the request it was given.
 	route := r.Pattern
 	if _, path, ok := strings.Cut(route, " "); ok {

@@ -246,7 +246,8 @@ func (s *Server) recoverPanic(w *statusWriter, r *http.Request) {
 	if w.status != 0 {
 		panic(http.ErrAbortHandler)
 	}
-	writeError(w, r, s.log, internal(fmt.Errorf("handler panicked: %v", v)))
+	// Logged above with the stack; the envelope needs no second line.
+	writeError(w, r, slog.New(slog.DiscardHandler), internal(fmt.Errorf("handler panicked: %v", v)))
 }
 
 // limitBody caps r's body, so no handler can be made to read more.
