@@ -334,6 +334,9 @@ func testConcurrentBuildsAndImports(t *testing.T, bin, lib string) {
 	if rows.Next() {
 		t.Error("foreign_key_check reports dangling rows")
 	}
+	if err := rows.Err(); err != nil {
+		t.Fatalf("foreign_key_check: %v", err)
+	}
 	rows.Close()
 	db.Close()
 

@@ -142,14 +142,30 @@ func Boot(t testing.TB, root string, o Options) Result {
 	}
 	var res Result
 	sc := bufio.NewScanner(stdout)
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	initPid := 0
 	for sc.Scan() {
 		line := sc.Text()
 		res.Lines = append(res.Lines, line)
 		if o.OnLine != nil {
-			o.OnLine(line, childOf(t, cmd.Process.Pid))
+			// Looked up once, at init's first line: by the last one
+			// unshare may have reaped it already.
+			if initPid == 0 {
+				initPid = childOf(t, cmd.Process.Pid)
+			}
+			o.OnLine(line, initPid)
 		}
 	}
+	scanErr := sc.Err()
+	if scanErr != nil {
+		// Nobody reads the console any more: end the boot rather than
+		// wait for the deadline.
+		cancel()
+	}
 	err = cmd.Wait()
+	if scanErr != nil {
+		t.Fatalf("reading the console: %v\n%s", scanErr, strings.Join(res.Lines, "\n"))
+	}
 	var exitErr *exec.ExitError
 	if err != nil && !errors.As(err, &exitErr) {
 		t.Fatalf("unshare: %v\n%s", err, stderr.String())
